@@ -1,0 +1,177 @@
+"""Paper numbers as data, ours-vs-paper tables, figures (PNG + SVG + PDF) and each notebook's summary.json."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from blip_repro.fileio import atomic_write_json, atomic_write_text
+
+# (table, paper row, dataset) -> {metric: value}; metrics on the papers' scale (x100 for captions and recalls).
+# Every number is from shared/reference/protocols.md, which cites the paper table it came from.
+PAPER: dict[tuple[str, str, str], dict] = {
+    # BLIP Table 7 (COCO Karpathy test B@4 / CIDEr; NoCaps val overall CIDEr / SPICE), protocols.md §1.4
+    ("captioning", "blip-14m", "coco"): {"bleu4": 38.6, "cider": 129.7},
+    ("captioning", "blip-129m", "coco"): {"bleu4": 39.4, "cider": 131.4},
+    ("captioning", "blip-capfilt-l", "coco"): {"bleu4": 39.7, "cider": 133.3},
+    ("captioning", "blip-vit-l", "coco"): {"bleu4": 40.4, "cider": 136.7},
+    ("captioning", "blip-14m", "nocaps"): {"cider": 105.1, "spice": 14.4},
+    ("captioning", "blip-129m", "nocaps"): {"cider": 106.3, "spice": 14.3},
+    ("captioning", "blip-capfilt-l", "nocaps"): {"cider": 109.6, "spice": 14.7},
+    ("captioning", "blip-vit-l", "nocaps"): {"cider": 113.2, "spice": 14.8},
+    # BLIP-2 Table 3 (COCO fine-tuned; NoCaps val zero-shot overall), protocols.md §2.4
+    ("captioning", "blip2-opt2.7b", "coco"): {"bleu4": 43.7, "cider": 145.8},
+    ("captioning", "blip2-opt6.7b", "coco"): {"bleu4": 43.5, "cider": 145.2},
+    ("captioning", "blip2-flant5xl", "coco"): {"bleu4": 42.4, "cider": 144.5},
+    ("captioning", "blip2-opt2.7b", "nocaps"): {"cider": 119.7, "spice": 15.4},
+    ("captioning", "blip2-opt6.7b", "nocaps"): {"cider": 121.0, "spice": 15.3},
+    ("captioning", "blip2-flant5xl", "nocaps"): {"cider": 121.6, "spice": 15.8},
+}
+SOURCES = {"captioning": "BLIP Table 7, BLIP-2 Table 3 (shared/reference/protocols.md §1.4, §2.4)"}
+TOLERANCE = {"bleu4": 1.0, "cider": 2.0, "spice": 0.5, "vqa_acc": 1.0, "gqa_acc": 1.0, "r_mean": 1.0}
+SCALE = {"bleu1": 100, "bleu2": 100, "bleu3": 100, "bleu4": 100, "meteor": 100, "rouge_l": 100, "cider": 100,
+         "spice": 100, "control_wrong_image_cider": 100, "control_wrong_image_bleu4": 100}
+
+# What the tiny models must reach on the built-in benchmark (shared/reference/shapes.md §5): (metric, minimum).
+SHAPES_CHECKS = {
+    "captioning": [("cider", 3.0, "CIDEr >= 3.0 (untrained about 0.1, blind captions 0.7-1.0)"),
+                   ("cider_minus_control", 2.0, "CIDEr - wrong-image CIDEr >= 2.0")],
+}
+
+
+def paper_scale(metric: str, value):
+    return None if value is None else round(value * SCALE.get(metric, 1), 2)
+
+
+def rows_for(notebook: str, runs: list[dict], metrics: list[str]) -> list[dict]:
+    """One row per (run, metric): ours / paper / delta / tolerance; paper rows come from the model's spec."""
+    from blip_repro import zoo
+
+    out = []
+    for r in runs:
+        cfg, m = r["config"], r["metrics"]
+        spec = zoo.MODELS.get(cfg["model"])
+        paper_rows = spec.paper_rows if spec else ()
+        for metric in metrics:
+            ours = paper_scale(metric, m.get(metric))
+            paper = next((PAPER[(notebook, row, cfg["dataset"])].get(metric) for row in paper_rows
+                          if (notebook, row, cfg["dataset"]) in PAPER), None)
+            delta = None if ours is None or paper is None else round(ours - paper, 2)
+            tol = TOLERANCE.get(metric)
+            status = "" if delta is None or tol is None else ("within" if abs(delta) <= tol else "outside")
+            note = m.get(f"{metric}_note") or (m.get("spice_note") if metric == "spice" else None) or ""
+            out.append({"model": cfg["model"], "dataset": cfg["dataset"], "split": cfg["split"], "metric": metric,
+                        "ours": ours, "paper": paper, "delta": delta, "tolerance": tol, "status": status,
+                        "n": m.get("n_scored"), "note": note})
+    return out
+
+
+def markdown(rows: list[dict], columns=("model", "dataset", "metric", "ours", "paper", "delta", "tolerance",
+                                        "status", "n", "note")) -> str:
+    def cell(v):
+        return "—" if v is None or v == "" else str(v)
+
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(cell(r.get(c)) for c in columns) + " |\n" for r in rows)
+
+
+def deviation_notes(notebook: str, runs: list[dict]) -> str:
+    """Known deviations of this implementation from the code behind the published numbers, per model family."""
+    from importlib import import_module
+
+    from blip_repro import zoo
+
+    task = import_module(f"blip_repro.tasks.{ {'captioning': 'captioning'}.get(notebook, notebook) }")
+    fams = {zoo.MODELS[r["config"]["model"]].family for r in runs if r["config"]["model"] in zoo.MODELS}
+    notes = [f"- {fam}: {task.DEVIATIONS[fam]}" for fam in sorted(fams) if fam in getattr(task, "DEVIATIONS", {})]
+    return ("**Known deviations**\n\n" + "\n".join(notes)) if notes else ""
+
+
+def checks(notebook: str, metrics: dict) -> list[dict]:
+    """The shapes pass criteria, evaluated on a run's metrics."""
+    values = dict(metrics)
+    if "cider" in values and "control_wrong_image_cider" in values:
+        values["cider_minus_control"] = values["cider"] - values["control_wrong_image_cider"]
+    out = []
+    for metric, minimum, what in SHAPES_CHECKS.get(notebook, []):
+        v = values.get(metric)
+        out.append({"check": what, "metric": metric, "value": None if v is None else round(v, 4),
+                    "minimum": minimum, "passed": v is not None and v >= minimum})
+    return out
+
+
+def save_figure(fig, stem: str, folder: str | Path = "figures") -> list[str]:
+    """Save a matplotlib figure as PNG, SVG and PDF: figures/<stem>.{png,svg,pdf}."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ext in ("png", "svg", "pdf"):
+        p = folder / f"{stem}.{ext}"
+        fig.savefig(p, dpi=150, bbox_inches="tight")
+        paths.append(str(p))
+    return paths
+
+
+def caption_figure(runs: list[dict], title: str):
+    """Bars per run: BLEU-4 and CIDEr (paper scale), the paper's value beside ours, and the wrong-image control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, ("bleu4", "cider")):
+        labels, ours, ctrl, paper = [], [], [], []
+        for r in runs:
+            labels.append(f"{r['config']['model']}\n{r['config']['dataset']}")
+            ours.append(paper_scale(metric, r["metrics"].get(metric)) or 0)
+            ctrl.append(paper_scale(metric, r["metrics"].get(f"control_wrong_image_{metric}")) or 0)
+            row = rows_for("captioning", [r], [metric])[0]
+            paper.append(row["paper"] or 0)
+        x = range(len(labels))
+        ax.bar([i - 0.27 for i in x], ours, 0.27, label="ours", color="#3465a4")
+        ax.bar(list(x), ctrl, 0.27, label="ours, wrong-image control", color="#babdb6")
+        ax.bar([i + 0.27 for i in x], paper, 0.27, label="paper", color="#f57900")
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.set_title({"bleu4": "BLEU-4", "cider": "CIDEr"}[metric] + " (x100)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def loss_figure(log_jsonl: str | Path, stem: str | Path):
+    """Training loss (and learning rate) against step from a train log.jsonl; written as PNG, SVG and PDF."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in Path(log_jsonl).read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], color="#3465a4", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in recs], [r["lr"] for r in recs], color="#f57900", lw=0.8, label="lr")
+    ax2.set_ylabel("learning rate")
+    fig.tight_layout()
+    stem = Path(stem)
+    paths = save_figure(fig, stem.name, stem.parent)
+    plt.close(fig)
+    return paths
+
+
+def write_summary(notebook: str, suite: str, rows: list[dict], figures: list[str], extra: dict | None = None,
+                  folder: str | Path | None = None) -> Path:
+    """outputs/<notebook>/summary.json: what tests, jobs and the combined report read."""
+    from blip_repro.runs import outputs_root
+
+    folder = Path(folder) if folder else outputs_root() / notebook
+    summary = {"notebook": notebook, "suite": suite, "rows": rows, "figures": figures,
+               "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(extra or {})}
+    path = folder / "summary.json"
+    atomic_write_json(path, summary)
+    atomic_write_text(folder / "table.md", markdown(rows))
+    return path

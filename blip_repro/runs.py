@@ -1,0 +1,197 @@
+"""Run configuration and bookkeeping: EvalConfig, params files, run ids, `run_or_load`, torchrun launch.
+
+One run = one cell of a paper table = one EvalConfig. Its folder `outputs/<notebook>/<run id>/` holds
+config.yaml, predictions.jsonl, metrics.json and provenance.json; the run id is a hash of the config fields that
+can change a number (batch size and device count cannot, and are excluded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from blip_repro.errors import UserError
+
+
+def outputs_root() -> Path:
+    return Path(os.environ.get("BLIP_REPRO_OUTPUTS", "outputs")).expanduser().resolve()
+
+
+@dataclass
+class EvalConfig:
+    task: str  # captioning | vqa | retrieval (the notebook's table)
+    model: str  # zoo name (blip-repro zoo) or a local HF checkpoint folder
+    dataset: str  # coco | nocaps | flickr30k | vqav2 | okvqa | gqa | shapes
+    split: str = "test"  # the split the paper reports (Karpathy test for COCO)
+    notebook: str = ""  # outputs/<notebook>/...; defaults to the task
+    limit: int | None = None  # first N records only (smoke runs); None = the whole split
+    batch_size: int = 16  # never changes a prediction (tested); not part of the run id
+    device: str = "auto"  # auto | cpu | cuda | cuda:1
+    dtype: str = "auto"  # auto = fp32 on CPU, the paper's precision on GPU; or float32 | float16 | bfloat16 | int8
+    # decoding; None = the paper protocol of the model's family (tasks/*.PROTOCOLS)
+    prompt: str | None = None
+    num_beams: int | None = None
+    max_length: int | None = None
+    min_length: int | None = None
+    repetition_penalty: float | None = None
+    length_penalty: float | None = None
+    # VQA scoring (tasks/vqa.py)
+    evaluator: str = "vqa2017"  # vqa2017 (pre-2021 official evaluator, as LAVIS and the papers) | vqa2021
+    lemmatize: bool | None = None  # OK-VQA answer lemmatization; None = the paper's choice per dataset
+    inference: str | None = None  # BLIP VQA: rank (paper) | generate
+    k_test: int | None = None  # retrieval ITC top-k / VQA rank candidates; None = paper value
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+
+    @property
+    def run_id(self) -> str:
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "notebook")}
+        if keep["device"] == "auto":
+            from blip_repro.zoo import resolve_device
+
+            keep["device"] = resolve_device("auto")
+        keep["device"] = keep["device"].split(":")[0]
+        digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
+        return f"{Path(self.model).name}-{self.dataset}-{self.split}-{digest}"
+
+    @property
+    def run_dir(self) -> Path:
+        return outputs_root() / (self.notebook or self.task) / self.run_id
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(name: str, value, annotation) -> None:
+    hints = {"str": str, "int": int, "float": (int, float), "bool": bool}
+    parts = [p.strip() for p in str(annotation).split("|")]
+    if value is None and "None" in parts:
+        return
+    for p in parts:
+        t = hints.get(p)
+        if t is None:
+            continue
+        if p == "int" and isinstance(value, bool):
+            continue
+        if isinstance(value, t):
+            return
+    raise UserError(f"parameter {name!r}: expected {annotation}, got {type(value).__name__} {value!r}")
+
+
+def config_from(cls, params: dict, source: str = "parameters"):
+    """Build a config dataclass from a flat dict; unknown keys are an error naming the key and the source."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise UserError(f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(names))}")
+    try:
+        return cls(**params)
+    except TypeError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def load_params(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"params file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of parameter names to values")
+    return data
+
+
+def eval_config(task: str, **params) -> EvalConfig:
+    """EvalConfig from notebook parameters; empty strings and 0 limits mean 'not set' (papermill-friendly)."""
+    params = {k: (None if v == "" else v) for k, v in params.items()}
+    if params.get("limit") == 0:
+        params["limit"] = None
+    return config_from(EvalConfig, {"task": task, **params}, "notebook parameters")
+
+
+def run_or_load(cfg: EvalConfig, world_size: int = 1) -> dict:
+    """metrics of a finished run with this config, else run it (in-process, or over `world_size` processes)."""
+    done = cfg.run_dir / "metrics.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if world_size > 1:
+        launch("blip_repro.evaluate", cfg.to_dict(), world_size)
+        return json.loads(done.read_text())
+    from blip_repro.evaluate import evaluate
+
+    return evaluate(cfg)
+
+
+def launch(module: str, params: dict, nproc: int) -> None:
+    """Run `python -m <module> --params <file>` under torchrun with `nproc` processes (several GPUs from a notebook)."""
+    from blip_repro.fileio import atomic_write_text
+
+    params_file = outputs_root() / "launch" / f"{module}-{os.getpid()}.yaml"
+    atomic_write_text(params_file, yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", module,
+           "--params", str(params_file)]
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise UserError(f"{' '.join(cmd)} failed with exit code {proc.returncode}; see its output above")
+
+
+def check_ready(cfg: EvalConfig) -> None:
+    """Stop early, in one line, when the model weights or the data files are not available here."""
+    from blip_repro import tasks, zoo
+    from blip_repro.data import data_root
+
+    problems = []
+    if not os.path.isdir(cfg.model):
+        spec = zoo.get_spec(cfg.model)
+        if not zoo.is_cached(spec) and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+            problems.append(zoo.missing_weights_message(spec))
+        elif not zoo.is_cached(spec) and not _hub_reachable():
+            problems.append(zoo.missing_weights_message(spec))
+    if cfg.dataset == "shapes":
+        from blip_repro.data import shapes
+
+        shapes.generate()
+    missing = [p for p in tasks.required_files(cfg) if not p.exists()]
+    if missing:
+        problems.append(f"data file {missing[0]} is missing ({len(missing)} missing in all) under "
+                        f"$BLIP_REPRO_DATA={data_root()}; run `blip-repro download {cfg.dataset}`")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def finished_runs(notebook: str, dataset: str | None = None) -> list[dict]:
+    """Every finished run of a notebook (optionally on one dataset): {"config", "metrics", "run_dir"}, the rows
+    of its table, oldest first."""
+    out = []
+    found = sorted((outputs_root() / notebook).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
+    for m in found:
+        cfg = yaml.safe_load((m.parent / "config.yaml").read_text())
+        if dataset is None or cfg.get("dataset") == dataset:
+            out.append({"config": cfg, "metrics": json.loads(m.read_text()), "run_dir": str(m.parent)})
+    return out
+
+
+__all__ = ["EvalConfig", "eval_config", "config_from", "load_params", "run_or_load", "launch", "check_ready",
+           "finished_runs", "outputs_root"]

@@ -1,0 +1,221 @@
+"""Image captioning: the BLIP and BLIP-2 paper protocols as data, prediction, scoring and the training loss.
+
+Protocols: shared/reference/protocols.md §1.4 (BLIP) and §2.4 (BLIP-2).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, replace
+
+import torch
+
+
+from blip_repro.data import readers
+from blip_repro.errors import UserError
+
+
+@dataclass(frozen=True)
+class CaptionProtocol:
+    prompt: str
+    num_beams: int
+    max_length: int
+    min_length: int
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    # BLIP counts the prompt tokens in max/min length (HF generate totals); BLIP-2 counts new tokens only.
+    lengths_include_prompt: bool = True
+    image_size: int = 384
+    source: str = ""
+
+
+PROTOCOLS = {
+    "blip": CaptionProtocol("a picture of ", 3, 20, 5, 1.0, 1.0, True, 384,
+                            "BLIP configs/caption_coco.yaml + train_caption.py (protocols.md §1.4)"),
+    # NoCaps hard-codes repetition_penalty 1.1 in eval_nocaps.py
+    "blip-nocaps": CaptionProtocol("a picture of ", 3, 20, 5, 1.1, 1.0, True, 384,
+                                   "BLIP eval_nocaps.py (protocols.md §1.4)"),
+    "blip2": CaptionProtocol("a photo of", 5, 30, 8, 1.0, 1.0, False, 364,
+                             "LAVIS caption_coco_opt*_eval.yaml at paper time (protocols.md §2.4)"),
+}
+
+# Known deviations of this implementation from the published numbers' code, shown under the table.
+DEVIATIONS = {
+    "blip": "transformers >= 4.16 normalises beam scores by the generated length only; BLIP (transformers 4.15) "
+            "divided by the length including the 4 prompt tokens, which changes about 1 in 12 captions "
+            "(protocols.md §4.3 item 3).",
+}
+
+
+def protocol_for(family: str, dataset: str, overrides: dict | None = None) -> CaptionProtocol:
+    if family == "blip":
+        p = PROTOCOLS["blip-nocaps" if dataset == "nocaps" else "blip"]
+    elif family.startswith("blip2"):
+        p = PROTOCOLS["blip2"]
+    else:
+        raise UserError(f"model family {family!r} cannot caption; use a captioning model (blip-repro zoo)")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return replace(p, **overrides) if overrides else p
+
+
+def read(dataset: str, split: str, limit: int | None = None) -> list[dict]:
+    images, anns = readers.dataset_paths(dataset)
+    if dataset == "nocaps":
+        return readers.read_nocaps(anns / f"nocaps_{split}.json", images, limit)
+    gt = anns / f"coco_karpathy_{split}_gt.json"
+    return readers.read_karpathy_captions(anns / f"coco_karpathy_{split}.json", images,
+                                          gt if gt.exists() or split != "train" else None, limit)
+
+
+@torch.no_grad()
+def predict(model, processor, images: list, protocol: CaptionProtocol, family: str) -> list[str]:
+    """Captions for a batch of PIL images. The prompt is stripped from the output."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    n = len(images)
+    inputs = processor(images=images, text=[protocol.prompt] * n, return_tensors="pt")
+    pixel_values = inputs["pixel_values"].to(device, dtype)
+    kw = dict(num_beams=protocol.num_beams, repetition_penalty=protocol.repetition_penalty,
+              length_penalty=protocol.length_penalty, do_sample=False)
+    if protocol.lengths_include_prompt:
+        kw.update(max_length=protocol.max_length, min_length=protocol.min_length)
+    else:
+        kw.update(max_new_tokens=protocol.max_length, min_new_tokens=protocol.min_length)
+    input_ids = inputs["input_ids"].to(device).clone()  # HF BLIP generate overwrites position 0 in place
+    out = model.generate(pixel_values=pixel_values, input_ids=input_ids,
+                         attention_mask=inputs["attention_mask"].to(device), **kw)
+    if family == "blip2-opt":
+        out = out[:, input_ids.shape[1]:]  # decoder-only LMs return the prompt (and image tokens) first
+    texts = processor.batch_decode(out, skip_special_tokens=True)
+    if family == "blip":
+        # BLIP strips the prompt from the decoded text: caption[len(prompt):] (models/blip.py)
+        texts = [t[len(protocol.prompt):] if t.startswith(protocol.prompt) else t for t in texts]
+    return [t.strip() for t in texts]
+
+
+def score(records: list[dict], predictions: dict) -> dict:
+    """pycocoevalcap scores against each image's references, plus the wrong-image control: the same captions
+    scored against another image's references (shared/reference/shapes.md §5)."""
+    from blip_repro import metrics
+
+    refs = {r["image_id"]: r["captions"] for r in records}
+    if not all(refs.values()):
+        return {"n_images": len(predictions), "note": "no local references (score on the official server)"}
+    cands = {i: predictions[i] for i in refs}
+    out = metrics.caption_scores(refs, cands)
+    ids = list(refs)
+    shifted = {ids[k]: refs[ids[(k + len(ids) // 2) % len(ids)]] for k in range(len(ids))}
+    ctrl = metrics.caption_scores(shifted, cands, meteor=False, spice=False)
+    out["control_wrong_image_cider"] = ctrl["cider"]
+    out["control_wrong_image_bleu4"] = ctrl["bleu4"]
+    return out
+
+
+def train_batch(processor, examples: list[dict], protocol: CaptionProtocol, max_length: int = 40) -> dict:
+    """BLIP captioning batch: text = prompt + caption, first token `[DEC]` (HF's forward does not swap it; only
+    generate does), labels -100 on padding and on the prompt tokens (train_caption.py, protocols.md §1.4)."""
+    tok = processor.tokenizer
+    texts = [protocol.prompt + readers_pre_caption(e["caption"]) for e in examples]
+    enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    input_ids = enc["input_ids"].clone()
+    input_ids[:, 0] = tok.bos_token_id
+    labels = input_ids.masked_fill(enc["attention_mask"] == 0, -100)
+    prompt_len = len(tok(protocol.prompt.strip()).input_ids) - 1  # [CLS] + prompt words, without [SEP]
+    labels[:, :prompt_len] = -100
+    pixel_values = torch.stack([e["pixel_values"] for e in examples])
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": enc["attention_mask"],
+            "labels": labels}
+
+
+def readers_pre_caption(caption: str, max_words: int = 30) -> str:
+    """BLIP data/utils.py pre_caption: lowercase, some punctuation to spaces, collapse spaces, max words."""
+    import re
+
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    return " ".join(caption.split(" ")[:max_words])
+
+
+def loss(model, batch: dict, label_smoothing: float = 0.1) -> torch.Tensor:
+    """LM loss with label smoothing 0.1 as BLIP's models/med.py (HF's default is 0.0)."""
+    model_ = getattr(model, "module", model)
+    model_.text_decoder.label_smoothing = label_smoothing
+    return model(**batch).loss
+
+
+# --- the interface evaluate.py drives (one record = one image) -------------------------------------------------
+KEY = "image_id"
+
+
+def records(cfg) -> list[dict]:
+    return read(cfg.dataset, cfg.split, cfg.limit)
+
+
+def required_files(cfg) -> list:
+    images, anns = readers.dataset_paths(cfg.dataset)
+    if cfg.dataset == "nocaps":
+        return [anns / f"nocaps_{cfg.split}.json"]
+    return [anns / f"coco_karpathy_{cfg.split}.json", anns / f"coco_karpathy_{cfg.split}_gt.json"]
+
+
+def _protocol(cfg, family):
+    return protocol_for(family, cfg.dataset, dict(
+        prompt=cfg.prompt, num_beams=cfg.num_beams, max_length=cfg.max_length, min_length=cfg.min_length,
+        repetition_penalty=cfg.repetition_penalty, length_penalty=cfg.length_penalty))
+
+
+def predict_records(model, processor, batch: list[dict], cfg, family: str) -> list[dict]:
+    images = [readers.load_image(r["image"]) for r in batch]
+    caps = predict(model, processor, images, _protocol(cfg, family), family)
+    return [{KEY: r[KEY], "caption": c} for r, c in zip(batch, caps)]
+
+
+def score_run(recs: list[dict], preds: dict, cfg, family: str) -> dict:
+    out = score(recs, {k: p["caption"] for k, p in preds.items()})
+    out["protocol"] = dataclasses.asdict(_protocol(cfg, family))
+    return out
+
+
+# --- training (blip_repro.train drives these) ------------------------------------------------------------------
+def train_examples(cfg, processor) -> list[dict]:
+    if cfg.dataset == "json":
+        if not cfg.ann_file:
+            raise UserError("dataset=json needs 'ann_file' (a JSON list of {image, caption}) and 'image_root'")
+        recs = readers.read_caption_train(cfg.ann_file, cfg.image_root or ".", cfg.limit)
+    else:
+        images, anns = readers.dataset_paths(cfg.dataset)
+        if cfg.dataset == "shapes":
+            from blip_repro.data import shapes
+
+            shapes.generate()
+        recs = readers.read_caption_train(anns / f"coco_karpathy_{cfg.split}.json", images, cfg.limit)
+    return recs
+
+
+class PixelCache:
+    """Processed images kept in memory (small datasets such as shapes); a missing/corrupt image names its path."""
+
+    def __init__(self, processor, max_items: int = 50_000):
+        self.processor, self.max_items, self.store = processor, max_items, {}
+
+    def __call__(self, path) -> torch.Tensor:
+        t = self.store.get(path)
+        if t is None:
+            t = self.processor(images=readers.load_image(path), return_tensors="pt")["pixel_values"][0]
+            if len(self.store) < self.max_items:
+                self.store[path] = t
+        return t
+
+
+_CACHES: dict[int, PixelCache] = {}
+
+
+def train_batch_for(processor, examples: list[dict], cfg, family: str) -> dict:
+    if family != "blip":
+        raise UserError(f"captioning training for model family {family!r} is not implemented yet")
+    cache = _CACHES.setdefault(id(processor), PixelCache(processor))
+    examples = [dict(e, pixel_values=cache(e["image"])) for e in examples]
+    return train_batch(processor, examples, protocol_for(family, cfg.dataset))
+
+
+def train_loss(model, batch: dict, cfg) -> torch.Tensor:
+    return loss(model, batch, cfg.label_smoothing)

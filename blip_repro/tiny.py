@@ -1,0 +1,124 @@
+"""Tiny offline models: the real transformers classes with tiny configs, and processors committed as files.
+
+The tokenizers' vocabularies are the sorted word list of the shapes benchmark (`shapes.vocabulary()`); they are
+committed under `assets/processors/` because the `tokenizers` trainers are not deterministic across processes
+(environment.md §2). `build_processor` is the code that made them; a test checks the committed files still match.
+A tiny model is trained on shapes the first time it is asked for (`checkpoint`) and cached under
+`outputs/models/<name>-<recipe hash>/`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from blip_repro.errors import UserError
+
+PROCESSORS = Path(__file__).parent / "assets" / "processors"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # BLIP's image normalisation (protocols.md §1.1)
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
+
+# name -> (processor kind, training recipe). Recipes are TrainConfig fields (blip_repro.train), measured in
+# shared/reference/shapes.md: config B, batch 32, AdamW lr 1e-3, 100 warm-up steps, cosine to 10 %, 2000 steps.
+TINY = {
+    "tiny-blip": ("shapes-bert", dict(task="captioning", dataset="shapes", max_steps=2000, batch_size=32, lr=1e-3,
+                                      warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
+                                      grad_clip=1.0, seed=0, label_smoothing=0.0)),
+}
+
+
+def _image_processor(size: int = 64):
+    from transformers import BlipImageProcessorPil
+
+    return BlipImageProcessorPil(size={"height": size, "width": size}, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                                 do_convert_rgb=True)
+
+
+def build_processor(kind: str):
+    """Build a tiny processor from the shapes vocabulary (deterministic: no tokenizer training)."""
+    from transformers import BertTokenizer, BlipProcessor
+
+    from blip_repro.data.shapes import vocabulary
+
+    if kind == "shapes-bert":
+        vocab = {w: i for i, w in enumerate(BERT_SPECIALS + vocabulary())}
+        tok = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]", extra_special_tokens=["[ENC]"],
+                            model_max_length=64)
+        return BlipProcessor(image_processor=_image_processor(), tokenizer=tok)
+    raise UserError(f"unknown tiny processor kind {kind!r}")
+
+
+def processor(kind: str):
+    from transformers import AutoProcessor
+
+    folder = PROCESSORS / kind
+    if not folder.exists():
+        raise UserError(f"{folder} is missing: run `python -m blip_repro.tiny --write-processors`")
+    return AutoProcessor.from_pretrained(folder, backend="pil")
+
+
+def build(name: str, save_to: Path | None = None, seed: int = 0):
+    """A randomly initialised tiny model and its processor (offline)."""
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    if name not in TINY:
+        raise UserError(f"unknown tiny model {name!r}; valid: {', '.join(TINY)}")
+    proc = processor(TINY[name][0])
+    tok = proc.tokenizer
+    torch.manual_seed(seed)
+    if name == "tiny-blip":
+        # shapes.md config B: 64 px, patch 8, hidden 64, 2+2 layers, 4 heads (261k parameters)
+        cfg = BlipConfig(
+            vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                               image_size=64, patch_size=8, initializer_range=0.02),
+            text_config=dict(vocab_size=len(tok), hidden_size=64, encoder_hidden_size=64, intermediate_size=256,
+                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40,
+                             bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                             sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id),
+            projection_dim=64, image_text_hidden_size=64)
+        model = BlipForConditionalGeneration(cfg)
+    model.eval()
+    if save_to is not None:
+        model.save_pretrained(save_to)
+        proc.save_pretrained(save_to)
+        return save_to
+    return model, proc
+
+
+def recipe_hash(name: str) -> str:
+    from blip_repro.data import shapes
+
+    kind, recipe = TINY[name]
+    blob = json.dumps({"recipe": recipe, "kind": kind, "shapes": shapes.VERSION, "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def checkpoint(name: str) -> Path:
+    """Folder of the trained tiny model; trains it through blip_repro.train on first use (about a minute)."""
+    from blip_repro.runs import outputs_root
+
+    if name not in TINY:
+        raise UserError(f"unknown tiny model {name!r}; valid: {', '.join(TINY)}")
+    out = outputs_root() / "models" / f"{name}-{recipe_hash(name)}"
+    if (out / "model" / "config.json").exists():
+        return out / "model"
+    from blip_repro.train import TrainConfig, finetune
+
+    cfg = TrainConfig(model=name, init="random", output_dir=str(out), **TINY[name][1])
+    finetune(cfg)
+    return out / "model"
+
+
+def _write_processors() -> None:
+    for kind in ("shapes-bert",):
+        build_processor(kind).save_pretrained(PROCESSORS / kind)
+        print(f"wrote {PROCESSORS / kind}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--write-processors" in sys.argv:
+        _write_processors()
