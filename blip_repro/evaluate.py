@@ -21,7 +21,7 @@ import yaml
 from blip_repro import dist, tasks, zoo
 from blip_repro.errors import UserError
 from blip_repro.fileio import atomic_write_json, atomic_write_text
-from blip_repro.runs import EvalConfig, config_from, load_params
+from blip_repro.runs import EvalConfig, eval_config_from_file
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -32,6 +32,12 @@ def evaluate(cfg: EvalConfig) -> dict:
     if state.is_main:
         claim_run_dir(run_dir, cfg.to_dict(), ignore=("batch_size",))
     dist.barrier()
+    if hasattr(task, "evaluate_run"):  # tasks whose predictions are not one per record (retrieval)
+        metrics = task.evaluate_run(cfg, run_dir, state)  # writes its own predictions and provenance
+        if state.is_main:
+            metrics["run_id"] = cfg.run_id
+            atomic_write_json(run_dir / "metrics.json", metrics)
+        return dist.broadcast_object(metrics)
     recs = task.records(cfg)
     keys = [r[task.KEY] for r in recs]
     if len(set(keys)) != len(keys):
@@ -161,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", required=True, help="YAML file of EvalConfig fields (params/<notebook>/*.yaml)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides (YAML values)")
     args = ap.parse_args(argv)
-    params = load_params(args.params)
+    overrides = {}
     for kv in args.overrides:
         k, _, v = kv.partition("=")
-        params[k] = yaml.safe_load(v)
-    cfg = config_from(EvalConfig, params, args.params)
+        overrides[k] = yaml.safe_load(v)
+    cfg = eval_config_from_file(args.params, overrides)
     metrics = evaluate(cfg)
     if dist.is_main():
         print(json.dumps(metrics, indent=2, default=str))

@@ -38,3 +38,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def project_root() -> Path:
+    """The checkout the user works in: the nearest folder up from the working directory holding both `notebooks/`
+    and `params/` (so a notebook opened in Jupyter, whose working directory is notebooks/, writes to the same
+    outputs/, data/ and figures/ as papermill run from the top), else the working directory."""
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "notebooks").is_dir() and (d / "params").is_dir():
+            return d
+    return here

@@ -102,12 +102,12 @@ def _spice(gts: dict, res: dict) -> tuple[float | None, str | None]:
     return float(score), None
 
 
-def caption_scores(references: dict, candidates: dict, spice: bool = True) -> dict:
+def caption_scores(references: dict, candidates: dict, spice: bool = True, meteor: bool = True) -> dict:
     """Scores of one candidate caption per image against that image's reference captions.
 
     references: {image_id: [caption, ...]}; candidates: {image_id: caption}, the same ids. Returns bleu1..4,
     meteor, rouge_l, cider and spice (None when SPICE cannot run or spice=False; spice_note says why) on the
-    pycocoevalcap scale, and n_images."""
+    pycocoevalcap scale, and n_images. meteor=False skips METEOR (its JVM takes ~6 s), e.g. for controls."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -118,7 +118,7 @@ def caption_scores(references: dict, candidates: dict, spice: bool = True) -> di
     with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its length ratios
         bleu, _ = Bleu(4).compute_score(gts, res)
     out = {f"bleu{n}": float(b) for n, b in zip(range(1, 5), bleu)}
-    out["meteor"] = _meteor(gts, res)
+    out["meteor"] = _meteor(gts, res) if meteor else None
     out["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     out["cider"] = float(Cider().compute_score(gts, res)[0])
     if spice:

@@ -57,9 +57,11 @@ def rows_for(notebook: str, runs: list[dict], metrics: list[str]) -> list[dict]:
             paper = next((PAPER[(notebook, row, cfg["dataset"])].get(metric) for row in paper_rows
                           if (notebook, row, cfg["dataset"]) in PAPER), None)
             delta = None if ours is None or paper is None else round(ours - paper, 2)
-            tol = TOLERANCE.get(metric)
+            tol = TOLERANCE.get(metric) if paper is not None else None
             status = "" if delta is None or tol is None else ("within" if abs(delta) <= tol else "outside")
-            note = m.get(f"{metric}_note") or (m.get("spice_note") if metric == "spice" else None) or ""
+            note = m.get(f"{metric}_note") or ""
+            if metric == "spice" and ours is None:
+                note = "not computed here: SPICE needs the Stanford CoreNLP 3.6.0 models (spice_note in metrics.json)"
             out.append({"model": cfg["model"], "dataset": cfg["dataset"], "split": cfg["split"], "metric": metric,
                         "ours": ours, "paper": paper, "delta": delta, "tolerance": tol, "status": status,
                         "n": m.get("n_scored"), "note": note})
@@ -100,9 +102,19 @@ def checks(notebook: str, metrics: dict) -> list[dict]:
     return out
 
 
-def save_figure(fig, stem: str, folder: str | Path = "figures") -> list[str]:
+def figures_root() -> Path:
+    """`$BLIP_REPRO_FIGURES`, default `figures/` in the project checkout."""
+    import os
+
+    from blip_repro.fileio import project_root
+
+    env = os.environ.get("BLIP_REPRO_FIGURES")
+    return Path(env).resolve() if env else project_root() / "figures"
+
+
+def save_figure(fig, stem: str, folder: str | Path | None = None) -> list[str]:
     """Save a matplotlib figure as PNG, SVG and PDF: figures/<stem>.{png,svg,pdf}."""
-    folder = Path(folder)
+    folder = Path(folder) if folder else figures_root()
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "svg", "pdf"):
@@ -131,7 +143,11 @@ def caption_figure(runs: list[dict], title: str):
         x = range(len(labels))
         ax.bar([i - 0.27 for i in x], ours, 0.27, label="ours", color="#3465a4")
         ax.bar(list(x), ctrl, 0.27, label="ours, wrong-image control", color="#babdb6")
-        ax.bar([i + 0.27 for i in x], paper, 0.27, label="paper", color="#f57900")
+        if any(paper):
+            ax.bar([i + 0.27 for i in x], paper, 0.27, label="paper", color="#f57900")
+        if metric == "cider" and any(r["config"]["dataset"] == "shapes" for r in runs):
+            ax.axhline(300, ls="--", lw=1, color="#cc0000", label="shapes pass mark (3.0)")
+            ax.legend(fontsize=8)
         ax.set_xticks(list(x), labels, fontsize=8)
         ax.set_title({"bleu4": "BLEU-4", "cider": "CIDEr"}[metric] + " (x100)")
     axes[0].legend(fontsize=8)

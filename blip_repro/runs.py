@@ -21,7 +21,10 @@ from blip_repro.errors import UserError
 
 
 def outputs_root() -> Path:
-    return Path(os.environ.get("BLIP_REPRO_OUTPUTS", "outputs")).expanduser().resolve()
+    from blip_repro.fileio import project_root
+
+    env = os.environ.get("BLIP_REPRO_OUTPUTS")
+    return Path(env).expanduser().resolve() if env else project_root() / "outputs"
 
 
 @dataclass
@@ -119,6 +122,26 @@ def eval_config(task: str, **params) -> EvalConfig:
     if params.get("limit") == 0:
         params["limit"] = None
     return config_from(EvalConfig, {"task": task, **params}, "notebook parameters")
+
+
+# Notebook parameters that steer the notebook, not a run (they never change a number).
+NOTEBOOK_ONLY = ("suite", "world_size")
+# notebook -> task; params/<notebook>/*.yaml and params/shapes/<notebook>.yaml name the notebook.
+NOTEBOOK_TASK = {"captioning": "captioning", "vqav2": "vqa", "gqa": "vqa", "okvqa": "vqa", "retrieval": "retrieval"}
+
+
+def eval_config_from_file(path: str | Path, overrides: dict | None = None) -> EvalConfig:
+    """EvalConfig from a notebook's params file (params/<notebook>/x.yaml or params/shapes/<notebook>.yaml)."""
+    path = Path(path)
+    params = {**load_params(path), **(overrides or {})}
+    notebook = params.pop("notebook", None) or (path.stem if path.parent.name == "shapes" else path.parent.name)
+    for k in NOTEBOOK_ONLY:
+        params.pop(k, None)
+    task = params.pop("task", None) or NOTEBOOK_TASK.get(notebook)
+    if task is None:
+        raise UserError(f"{path}: cannot tell the task; add 'task: captioning|vqa|retrieval'")
+    params = {k: (None if v == "" else v) for k, v in params.items()}
+    return config_from(EvalConfig, {"task": task, "notebook": notebook, **params}, str(path))
 
 
 def run_or_load(cfg: EvalConfig, world_size: int = 1) -> dict:

@@ -20,11 +20,12 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
 
 # name -> (processor kind, training recipe). Recipes are TrainConfig fields (blip_repro.train), measured in
-# shared/reference/shapes.md: config B, batch 32, AdamW lr 1e-3, 100 warm-up steps, cosine to 10 %, 2000 steps.
+# shared/reference/shapes.md: config B, batch 32, AdamW lr 1e-3, 100 warm-up steps, cosine to 10 %; 3000 steps with
+# BLIP's label smoothing 0.1 measured here: CIDEr 3.48 vs 3.24 after 2000 steps without it (wrong-image control 0.68).
 TINY = {
-    "tiny-blip": ("shapes-bert", dict(task="captioning", dataset="shapes", max_steps=2000, batch_size=32, lr=1e-3,
+    "tiny-blip": ("shapes-bert", dict(task="captioning", dataset="shapes", max_steps=3000, batch_size=32, lr=1e-3,
                                       warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
-                                      grad_clip=1.0, seed=0, label_smoothing=0.0)),
+                                      grad_clip=1.0, seed=0, label_smoothing=0.1, num_threads=2)),
 }
 
 

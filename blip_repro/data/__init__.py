@@ -6,5 +6,8 @@ from pathlib import Path
 
 
 def data_root() -> Path:
-    """`$BLIP_REPRO_DATA`, default `./data` (relative to the working directory), never inside the package."""
-    return Path(os.environ.get("BLIP_REPRO_DATA", "data")).expanduser().resolve()
+    """`$BLIP_REPRO_DATA`, default `data/` in the project checkout (never inside the installed package or `/`)."""
+    from blip_repro.fileio import project_root
+
+    env = os.environ.get("BLIP_REPRO_DATA")
+    return Path(env).expanduser().resolve() if env else project_root() / "data"

@@ -65,6 +65,10 @@ def dataset_paths(dataset: str) -> tuple[Path, Path]:
     if dataset not in LAYOUT:
         raise UserError(f"unknown dataset {dataset!r}; valid: {', '.join(LAYOUT)}")
     root = data_root()
+    if dataset == "shapes":  # built in: written on first use, so it is never "missing"
+        from blip_repro.data import shapes
+
+        shapes.generate(root / "shapes")
     return root / LAYOUT[dataset]["images"], root / LAYOUT[dataset]["annotations"]
 
 

@@ -1,0 +1,138 @@
+"""The evaluation loop: run folders, resume after a kill, and bad input (one clear line, nothing lost)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from blip_repro import runs
+from blip_repro.data import shapes
+from blip_repro.errors import UserError
+from blip_repro.evaluate import evaluate, read_predictions
+from blip_repro.runs import EvalConfig, eval_config_from_file
+
+
+def _cfg(**kw):
+    base = dict(task="captioning", model="tiny-blip", dataset="shapes", limit=12, batch_size=4,
+                notebook="captioning-test")
+    return EvalConfig(**{**base, **kw})
+
+
+def test_run_writes_everything_and_is_reused(monkeypatch):
+    cfg = _cfg(limit=8, seed=1)
+    m = evaluate(cfg)
+    files = {p.name for p in cfg.run_dir.iterdir()}
+    assert {"config.yaml", "predictions.jsonl", "metrics.json", "provenance.json"} <= files
+    assert m["n_scored"] == 8 and len(cfg.run_dir.joinpath("predictions.jsonl").read_text().splitlines()) == 8
+    prov = json.loads((cfg.run_dir / "provenance.json").read_text())
+    assert prov["libraries"]["transformers"] == "5.23.0" and prov["data_files"] and prov["wall_time_s"] > 0
+    import blip_repro.evaluate as ev
+
+    monkeypatch.setattr(ev, "evaluate", lambda c: pytest.fail("a finished run must be reused"))
+    assert runs.run_or_load(cfg) == m
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path):
+    """SIGKILL half-way through, then resume: every record predicted exactly once, same result as a clean run."""
+    cfg = _cfg(limit=60, batch_size=2, seed=2)
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = subprocess.Popen([sys.executable, "-m", "blip_repro.evaluate", "--params", str(params)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    part = cfg.run_dir / "predictions.part-r0-w1.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not part.exists() or len(part.read_text().splitlines()) < 10):
+        assert proc.poll() is None, "the evaluation process ended early"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(read_predictions(cfg.run_dir, "image_id"))
+    assert 10 <= done_before < 60 and not (cfg.run_dir / "metrics.json").exists()
+
+    import blip_repro.tasks.captioning as cap
+
+    calls = []
+    orig = cap.predict_records
+    cap.predict_records = lambda *a, **k: (calls.append(len(a[2])), orig(*a, **k))[1]
+    try:
+        m = evaluate(cfg)
+    finally:
+        cap.predict_records = orig
+    assert sum(calls) == 60 - done_before  # nothing recomputed
+    ids = [json.loads(line)["image_id"] for line in (cfg.run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 60 and m["n_scored"] == 60
+    clean = _cfg(limit=60, batch_size=6, seed=2, notebook="captioning-test-clean")
+    evaluate(clean)
+    assert (clean.run_dir / "predictions.jsonl").read_text() == (cfg.run_dir / "predictions.jsonl").read_text()
+
+
+def test_folder_holding_another_run_is_refused():
+    cfg = _cfg(limit=3)
+    evaluate(cfg)
+    text = (cfg.run_dir / "config.yaml").read_text()
+    (cfg.run_dir / "config.yaml").write_text(text.replace("limit: 3", "limit: 4"))
+    (cfg.run_dir / "metrics.json").unlink()
+    with pytest.raises(UserError, match="holds another run"):
+        evaluate(cfg)
+
+
+def test_bad_parameters_name_the_key(tmp_path):
+    with pytest.raises(UserError, match="'batch_size'.*got str"):
+        runs.eval_config("captioning", model="tiny-blip", dataset="shapes", batch_size="big")
+    p = tmp_path / "x.yaml"
+    p.write_text("model: tiny-blip\ndataset: shapes\nnum_beam: 3\n")
+    with pytest.raises(UserError, match="unknown key 'num_beam'"):
+        eval_config_from_file(p, {"task": "captioning"})
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        eval_config_from_file(p)
+
+
+def test_missing_data_is_one_line_naming_the_download(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLIP_REPRO_DATA", str(tmp_path / "empty"))
+    cfg = runs.eval_config("captioning", model="tiny-blip", dataset="coco")
+    with pytest.raises(UserError) as e:
+        runs.check_ready(cfg)
+    assert "blip-repro download coco" in str(e.value) and "coco_karpathy_test.json" in str(e.value)
+
+
+def _copy_shapes(tmp_path, monkeypatch):
+    import shutil
+
+    src = shapes.generate()
+    dst = tmp_path / "data" / "shapes"
+    shutil.copytree(src, dst)
+    monkeypatch.setenv("BLIP_REPRO_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("BLIP_REPRO_OUTPUTS", str(tmp_path / "out"))
+    models = runs.outputs_root  # trained tiny models stay where the session cache has them
+    return dst, models
+
+
+def test_corrupt_and_missing_images_are_named(tmp_path, monkeypatch):
+    from blip_repro import tiny
+
+    tiny.checkpoint("tiny-blip")  # train (or reuse) before outputs move
+    models = runs.outputs_root() / "models"
+    dst, _ = _copy_shapes(tmp_path, monkeypatch)
+    (tmp_path / "out").mkdir()
+    os.symlink(models, tmp_path / "out" / "models")
+    bad = dst / "images/test/shapes_test_000000000002.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match="corrupt image .*shapes_test_000000000002.jpg"):
+        evaluate(_cfg(limit=3, batch_size=1))
+    bad.unlink()
+    with pytest.raises(UserError, match="missing image .*shapes_test_000000000002.jpg"):
+        evaluate(_cfg(limit=3, batch_size=1))
+    # the first record's prediction survived both failures (it is reused on the next run, not recomputed)
+    assert 1 in read_predictions(_cfg(limit=3).run_dir, "image_id")
+
+
+def test_malformed_annotation_json_is_named(tmp_path, monkeypatch):
+    dst, _ = _copy_shapes(tmp_path, monkeypatch)
+    (dst / "annotations/coco_karpathy_test.json").write_text("[{\"image\": ")
+    with pytest.raises(UserError, match="coco_karpathy_test.json: malformed JSON"):
+        evaluate(_cfg(limit=3))
