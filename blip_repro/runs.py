@@ -64,6 +64,9 @@ class EvalConfig:
 
             keep["device"] = resolve_device("auto")
         keep["device"] = keep["device"].split(":")[0]
+        from blip_repro.zoo import fingerprint
+
+        keep["weights"] = fingerprint(self.model)  # a retrained tiny model or a new revision is a new run
         digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
         return f"{Path(self.model).name}-{self.dataset}-{self.split}-{digest}"
 
@@ -205,15 +208,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def finished_runs(notebook: str, dataset: str | None = None) -> list[dict]:
-    """Every finished run of a notebook (optionally on one dataset): {"config", "metrics", "run_dir"}, the rows
-    of its table, oldest first."""
-    out = []
+    """The newest finished run per (model, dataset, split) of a notebook, optionally on one dataset:
+    {"config", "metrics", "run_dir"}, the rows of its table, oldest first."""
+    out = {}
     found = sorted((outputs_root() / notebook).glob("*/metrics.json"), key=lambda p: p.stat().st_mtime)
     for m in found:
         cfg = yaml.safe_load((m.parent / "config.yaml").read_text())
         if dataset is None or cfg.get("dataset") == dataset:
-            out.append({"config": cfg, "metrics": json.loads(m.read_text()), "run_dir": str(m.parent)})
-    return out
+            key = (cfg.get("model"), cfg.get("dataset"), cfg.get("split"))
+            out.pop(key, None)
+            out[key] = {"config": cfg, "metrics": json.loads(m.read_text()), "run_dir": str(m.parent)}
+    return list(out.values())
 
 
 __all__ = ["EvalConfig", "eval_config", "config_from", "load_params", "run_or_load", "launch", "check_ready",

@@ -224,3 +224,17 @@ def family_of(model) -> str:
         return "blip2-t5" if model.config.text_config.model_type == "t5" else "blip2-opt"
     return {"BlipForConditionalGeneration": "blip", "BlipForQuestionAnswering": "blip-vqa",
             "BlipForImageTextRetrieval": "blip-itm", "Blip2ForImageTextRetrieval": "blip2-itm"}.get(name, name)
+
+
+def fingerprint(name: str) -> str:
+    """What identifies the weights behind a model name, for run ids: the pinned revision, the tiny model's
+    training recipe, or a local folder's weight files (names, sizes, modification times)."""
+    if os.path.isdir(name):
+        files = sorted(p for p in Path(name).iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+        return ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+    spec = get_spec(name)
+    if spec.tiny:
+        from blip_repro import tiny
+
+        return f"tiny:{tiny.recipe_hash(name)}"
+    return f"{spec.hub_id}@{spec.revision}"

@@ -16,14 +16,19 @@ from blip_repro.evaluate import evaluate, read_predictions
 from blip_repro.runs import EvalConfig, eval_config_from_file
 
 
-def _cfg(**kw):
+def _cfg(fresh=False, **kw):
     base = dict(task="captioning", model="tiny-blip", dataset="shapes", limit=12, batch_size=4,
                 notebook="captioning-test")
-    return EvalConfig(**{**base, **kw})
+    cfg = EvalConfig(**{**base, **kw})
+    if fresh:  # the session cache keeps runs between test sessions: start these from nothing
+        import shutil
+
+        shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    return cfg
 
 
 def test_run_writes_everything_and_is_reused(monkeypatch):
-    cfg = _cfg(limit=8, seed=1)
+    cfg = _cfg(fresh=True, limit=8, seed=1)
     m = evaluate(cfg)
     files = {p.name for p in cfg.run_dir.iterdir()}
     assert {"config.yaml", "predictions.jsonl", "metrics.json", "provenance.json"} <= files
@@ -38,7 +43,7 @@ def test_run_writes_everything_and_is_reused(monkeypatch):
 
 def test_killed_run_resumes_without_duplicates(tmp_path):
     """SIGKILL half-way through, then resume: every record predicted exactly once, same result as a clean run."""
-    cfg = _cfg(limit=60, batch_size=2, seed=2)
+    cfg = _cfg(fresh=True, limit=60, batch_size=2, seed=2)
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump(cfg.to_dict()))
     proc = subprocess.Popen([sys.executable, "-m", "blip_repro.evaluate", "--params", str(params)],
@@ -65,13 +70,13 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     assert sum(calls) == 60 - done_before  # nothing recomputed
     ids = [json.loads(line)["image_id"] for line in (cfg.run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 60 and m["n_scored"] == 60
-    clean = _cfg(limit=60, batch_size=6, seed=2, notebook="captioning-test-clean")
+    clean = _cfg(fresh=True, limit=60, batch_size=6, seed=2, notebook="captioning-test-clean")
     evaluate(clean)
     assert (clean.run_dir / "predictions.jsonl").read_text() == (cfg.run_dir / "predictions.jsonl").read_text()
 
 
 def test_folder_holding_another_run_is_refused():
-    cfg = _cfg(limit=3)
+    cfg = _cfg(fresh=True, limit=3)
     evaluate(cfg)
     text = (cfg.run_dir / "config.yaml").read_text()
     (cfg.run_dir / "config.yaml").write_text(text.replace("limit: 3", "limit: 4"))
