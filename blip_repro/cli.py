@@ -1,4 +1,5 @@
-"""`blip-repro`: download data, list the model zoo, evaluate, train, reproduce every table, write the report."""
+"""`blip-repro`: download data, list the model zoo, evaluate, train, convert original checkpoints, reproduce every
+table, write the report."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +108,14 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from blip_repro import convert
+
+    out = convert.convert(args.checkpoint, args.like, args.out, allow_missing=args.allow_missing)
+    print(f"wrote {out}; use it as model: {out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from blip_repro import reproduce
 
@@ -136,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", help="comma-separated notebooks, e.g. captioning,okvqa")
     p.add_argument("--slurm", action="store_true", help="submit one Slurm job per notebook instead")
     p.set_defaults(fn=cmd_reproduce)
+    p = sub.add_parser("convert", help="original BLIP .pth checkpoint -> Hugging Face folder (usable as model)")
+    p.add_argument("checkpoint", help="e.g. model_base_caption_capfilt_large.pth (BLIP README links)")
+    p.add_argument("--like", required=True, help="zoo model giving the architecture and processor")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--allow-missing", action="store_true", help="keep a random head (pre-trained checkpoints)")
+    p.set_defaults(fn=cmd_convert)
     p = sub.add_parser("report", help="write the combined report from finished notebooks")
     p.add_argument("--suite", default="shapes", choices=["shapes", "paper"])
     p.set_defaults(fn=cmd_report)
