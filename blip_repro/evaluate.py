@@ -172,11 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         k, _, v = kv.partition("=")
         overrides[k] = yaml.safe_load(v)
     cfg = eval_config_from_file(args.params, overrides)
-    metrics = evaluate(cfg)
-    if dist.is_main():
-        print(json.dumps(metrics, indent=2, default=str))
-    dist.shutdown()
-    return 0
+    try:
+        metrics = evaluate(cfg)
+        if dist.is_main():
+            print(json.dumps(metrics, indent=2, default=str))
+        return 0
+    finally:
+        dist.shutdown()  # on every path: a gloo group alive at exit aborts rank 0 (environment.md §9)
 
 
 if __name__ == "__main__":

@@ -324,13 +324,15 @@ class LocalBackend:
 
 def make_llm(spec: str, *, base_url: str | None = None, endpoint: str = "chat", cache_path=None,
              timeout: float = 30, max_retries: int = 6, max_total_wait: float = 120, backoff_base: float = 1.0,
-             backoff_max: float = 30.0, replay_only: bool = False) -> LLM:
+             backoff_max: float = 30.0, replay_only: bool = False, cache_model: str | None = None) -> LLM:
     """An LLM from "backend:model" (see the module docstring).
 
     base_url: the server of an openai-compatible spec (or a proxy for openai:). endpoint: "chat" or "completions"
     (the messages rendered to one prompt). cache_path: default outputs/llm_cache.sqlite. timeout: seconds per
     request; retries back off from backoff_base to backoff_max seconds (or what Retry-After asks) and stop after
-    max_retries retries or max_total_wait seconds. replay_only: answer from the cache only, a miss is an error."""
+    max_retries retries or max_total_wait seconds. replay_only: answer from the cache only, a miss is an error.
+    cache_model: the model's name in cache keys instead of the spec's (a local folder's path differs between
+    machines, the name it was trained under does not)."""
     backend, _, model = str(spec).partition(":")
     if backend not in BACKENDS or not model:
         raise UserError(f"LLM spec {spec!r} is not 'backend:model' with backend one of {', '.join(BACKENDS)} "
@@ -358,4 +360,4 @@ def make_llm(spec: str, *, base_url: str | None = None, endpoint: str = "chat", 
         call = OpenAIBackend(model, base_url, endpoint, key_required=backend == "openai", timeout=timeout,
                              max_retries=max_retries, max_total_wait=max_total_wait, backoff_base=backoff_base,
                              backoff_max=backoff_max)
-    return LLM(backend, model, endpoint, cache, call, replay_only=replay_only)
+    return LLM(backend, cache_model or model, endpoint, cache, call, replay_only=replay_only)

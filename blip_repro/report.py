@@ -26,8 +26,35 @@ PAPER: dict[tuple[str, str, str], dict] = {
     ("captioning", "blip2-opt2.7b", "nocaps"): {"cider": 119.7, "spice": 15.4},
     ("captioning", "blip2-opt6.7b", "nocaps"): {"cider": 121.0, "spice": 15.3},
     ("captioning", "blip2-flant5xl", "nocaps"): {"cider": 121.6, "spice": 15.8},
+    # BLIP-2 Table 2, zero-shot VQA accuracy (protocols.md §2.3); VQAv2 keys name the split (val, test-dev)
+    **{("vqav2", row, f"vqav2/{split}"): {"vqa_acc": acc} for row, accs in {
+        "blip2-vitl-opt2.7b": (50.1, 49.7), "blip2-vitg-opt2.7b": (53.5, 52.3), "blip2-vitg-opt6.7b": (54.3, 52.6),
+        "blip2-vitl-flant5xl": (62.6, 62.3), "blip2-vitg-flant5xl": (63.1, 63.0),
+        "blip2-vitg-flant5xxl": (65.2, 65.0)}.items() for split, acc in zip(("val", "test-dev"), accs)},
+    **{("okvqa", row, "okvqa"): {"vqa_acc": acc} for row, acc in {
+        "blip2-vitl-opt2.7b": 30.2, "blip2-vitg-opt2.7b": 31.7, "blip2-vitg-opt6.7b": 36.4,
+        "blip2-vitl-flant5xl": 39.4, "blip2-vitg-flant5xl": 40.7, "blip2-vitg-flant5xxl": 45.9}.items()},
+    **{("gqa", row, "gqa"): {"gqa_acc": acc} for row, acc in {
+        "blip2-vitl-opt2.7b": 33.9, "blip2-vitg-opt2.7b": 34.6, "blip2-vitg-opt6.7b": 36.4,
+        "blip2-vitl-flant5xl": 44.4, "blip2-vitg-flant5xl": 44.2, "blip2-vitg-flant5xxl": 44.7}.items()},
+    # BLIP Table 8, VQAv2 test-dev / test-std from the server (split "test" = test2015 gives test-std), §1.5
+    **{("vqav2", row, f"vqav2/{split}"): {"vqa_acc": acc} for row, accs in {
+        "blip-14m": (77.54, 77.62), "blip-129m": (78.24, 78.17), "blip-capfilt-l": (78.25, 78.32)}.items()
+       for split, acc in zip(("test-dev", "test"), accs)},
+    # "BLIP-2.3" blog §8.1, OK-VQA test (BLIP-2 + gpt-3.5-turbo); baseline = the blog's own BLIP-2 FlanT5-XL
+    # reproduction (paper Table 2: 40.7). Rows: blip23-<model>-<llm_variant>-<shots>shot, protocols.md §6
+    ("okvqa", "blip23-flant5xl-baseline", "okvqa"): {"vqa_acc": 39.3},
+    ("okvqa", "blip23-flant5xl-caption-3shot", "okvqa"): {"vqa_acc": 44.37},
+    ("okvqa", "blip23-flant5xl-caption-0shot", "okvqa"): {"vqa_acc": 42.91},
+    ("okvqa", "blip23-flant5xl-coco-caption-3shot", "okvqa"): {"vqa_acc": 41.62},
+    ("okvqa", "blip23-flant5xl-questions-0shot", "okvqa"): {"vqa_acc": 38.72},
+    ("okvqa", "blip23-flant5xl-noun-3shot", "okvqa"): {"vqa_acc": 40.62},
 }
-SOURCES = {"captioning": "BLIP Table 7, BLIP-2 Table 3 (shared/reference/protocols.md §1.4, §2.4)"}
+SOURCES = {"captioning": "BLIP Table 7, BLIP-2 Table 3 (shared/reference/protocols.md §1.4, §2.4)",
+           "vqav2": "BLIP-2 Table 2 (val, test-dev), BLIP Table 8 (test-dev, test-std) (protocols.md §2.3, §1.5)",
+           "okvqa": "BLIP-2 Table 2, OK-VQA test (shared/reference/protocols.md §2.3)",
+           "gqa": "BLIP-2 Table 2, GQA test-dev (shared/reference/protocols.md §2.3)",
+           "okvqa-llm": "BLIP-2.3 blog post §8.1, EricLangezaal/Blip2-GPT3-Fusion (shared/reference/protocols.md §6)"}
 TOLERANCE = {"bleu4": 1.0, "cider": 2.0, "spice": 0.5, "vqa_acc": 1.0, "gqa_acc": 1.0, "r_mean": 1.0}
 SCALE = {"bleu1": 100, "bleu2": 100, "bleu3": 100, "bleu4": 100, "meteor": 100, "rouge_l": 100, "cider": 100,
          "spice": 100, "control_wrong_image_cider": 100, "control_wrong_image_bleu4": 100}
@@ -36,6 +63,12 @@ SCALE = {"bleu1": 100, "bleu2": 100, "bleu3": 100, "bleu4": 100, "meteor": 100, 
 SHAPES_CHECKS = {
     "captioning": [("cider", 3.0, "CIDEr >= 3.0 (untrained about 0.1, blind captions 0.7-1.0)"),
                    ("cider_minus_control", 2.0, "CIDEr - wrong-image CIDEr >= 2.0")],
+    # VQA: the blind control answers each question type with its majority training answer (tasks/vqa_score.py);
+    # shapes.md §4: tiny BLIP-2 0.61-0.67 against 0.33. OK-VQA has none: its answers need knowledge the tiny
+    # models never saw (the caption + LLM pipeline's job).
+    "vqav2": [("vqa_acc", 50.0, "VQA accuracy >= 50 (majority-per-question-type control about 33-40)"),
+              ("vqa_acc_minus_control", 10.0, "VQA accuracy - majority control >= 10")],
+    "gqa": [("gqa_acc_minus_control", 5.0, "GQA accuracy - majority control >= 5")],
 }
 
 
@@ -54,8 +87,9 @@ def rows_for(notebook: str, runs: list[dict], metrics: list[str]) -> list[dict]:
         paper_rows = spec.paper_rows if spec else ()
         for metric in metrics:
             ours = paper_scale(metric, m.get(metric))
-            paper = next((PAPER[(notebook, row, cfg["dataset"])].get(metric) for row in paper_rows
-                          if (notebook, row, cfg["dataset"]) in PAPER), None)
+            keys = [(notebook, row, ds) for row in paper_rows for ds in (f"{cfg['dataset']}/{cfg['split']}",
+                                                                         cfg["dataset"])]  # a split's own column first
+            paper = next((PAPER[k].get(metric) for k in keys if k in PAPER), None)
             delta = None if ours is None or paper is None else round(ours - paper, 2)
             tol = TOLERANCE.get(metric) if paper is not None else None
             status = "" if delta is None or tol is None else ("within" if abs(delta) <= tol else "outside")
@@ -83,7 +117,9 @@ def deviation_notes(notebook: str, runs: list[dict]) -> str:
 
     from blip_repro import zoo
 
-    task = import_module(f"blip_repro.tasks.{ {'captioning': 'captioning'}.get(notebook, notebook) }")
+    from blip_repro.runs import NOTEBOOK_TASK
+
+    task = import_module(f"blip_repro.tasks.{NOTEBOOK_TASK.get(notebook, notebook)}")
     fams = {zoo.MODELS[r["config"]["model"]].family for r in runs if r["config"]["model"] in zoo.MODELS}
     notes = [f"- {fam}: {task.DEVIATIONS[fam]}" for fam in sorted(fams) if fam in getattr(task, "DEVIATIONS", {})]
     return ("**Known deviations**\n\n" + "\n".join(notes)) if notes else ""
@@ -94,6 +130,9 @@ def checks(notebook: str, metrics: dict) -> list[dict]:
     values = dict(metrics)
     if "cider" in values and "control_wrong_image_cider" in values:
         values["cider_minus_control"] = values["cider"] - values["control_wrong_image_cider"]
+    for acc in ("vqa_acc", "gqa_acc"):
+        if values.get(acc) is not None and values.get("control_majority_acc") is not None:
+            values[f"{acc}_minus_control"] = values[acc] - values["control_majority_acc"]
     out = []
     for metric, minimum, what in SHAPES_CHECKS.get(notebook, []):
         v = values.get(metric)
@@ -191,3 +230,59 @@ def write_summary(notebook: str, suite: str, rows: list[dict], figures: list[str
     atomic_write_json(path, summary)
     atomic_write_text(folder / "table.md", markdown(rows))
     return path
+
+
+def breakdown(runs: list[dict], field: str, control: bool = True) -> list[dict]:
+    """One row per run with the accuracy of each type in metrics[field] (per_answer_type, per_question_type), and
+    the majority control's row beneath it where the run has one."""
+    out = []
+    for r in runs:
+        m = r["metrics"]
+        if m.get(field):
+            out.append({"model": r["config"]["model"], **m[field]})
+        ctrl = (m.get("control_majority_by_type") or {}).get(field)
+        if control and ctrl:
+            out.append({"model": f"{r['config']['model']} (majority control)", **ctrl})
+    return out
+
+
+def columns(rows: list[dict]) -> tuple:
+    """Every key of the rows, in first-seen order (the columns of a breakdown table)."""
+    return tuple(dict.fromkeys(k for r in rows for k in r)) or ("model",)
+
+
+def vqa_figure(notebook: str, runs: list[dict], metric: str, title: str, field: str = "per_question_type"):
+    """Left: accuracy per run, ours beside the majority-per-question-type control and the paper. Right: accuracy
+    per type (metrics[field]) per run, the types that stay at the control's level showing as short bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.6]})
+    labels = [f"{r['config']['model']}\n{r['config']['dataset']} {r['config']['split']}" for r in runs]
+    ours = [r["metrics"].get(metric) or 0 for r in runs]
+    ctrl = [r["metrics"].get("control_majority_acc") or 0 for r in runs]
+    paper = [row["paper"] or 0 for row in rows_for(notebook, runs, [metric])]
+    x = list(range(len(runs)))
+    ax.bar([i - 0.27 for i in x], ours, 0.27, label="ours", color="#3465a4")
+    ax.bar(x, ctrl, 0.27, label="majority-per-type control", color="#babdb6")
+    if any(paper):
+        ax.bar([i + 0.27 for i in x], paper, 0.27, label="paper", color="#f57900")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel(f"{metric} (0-100)")
+    ax.legend(fontsize=7)
+    types = sorted({t for r in runs for t in (r["metrics"].get(field) or {})})
+    width = 0.8 / max(1, len(runs))
+    for k, r in enumerate(runs):
+        per = r["metrics"].get(field) or {}
+        ax2.bar([i + k * width for i in range(len(types))], [per.get(t, 0) for t in types], width,
+                label=r["config"]["model"])
+    ax2.set_xticks([i + 0.4 - width / 2 for i in range(len(types))], types, fontsize=7, rotation=20, ha="right")
+    ax2.set_ylim(0, 100)
+    ax2.set_title(field.replace("_", " "), fontsize=9)
+    ax2.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

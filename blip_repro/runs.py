@@ -27,6 +27,10 @@ def outputs_root() -> Path:
     return Path(env).expanduser().resolve() if env else project_root() / "outputs"
 
 
+# Fields that never change a number: batch size (tested), the output folder, where LLM answers are cached.
+NOT_IN_RUN_ID = ("batch_size", "notebook", "llm_cache", "llm_replay_only", "itm_batch_size", "itc_memory_mb")
+
+
 @dataclass
 class EvalConfig:
     task: str  # captioning | vqa | retrieval (the notebook's table)
@@ -47,9 +51,21 @@ class EvalConfig:
     length_penalty: float | None = None
     # VQA scoring (tasks/vqa.py)
     evaluator: str = "vqa2017"  # vqa2017 (pre-2021 official evaluator, as LAVIS and the papers) | vqa2021
+    gqa_rule: str = "lavis2023feb"  # GQA exact match: lavis2023feb (BLIP-2 paper era) | lavis2023dec | raw (§3)
     lemmatize: bool | None = None  # OK-VQA answer lemmatization; None = the paper's choice per dataset
     inference: str | None = None  # BLIP VQA: rank (paper) | generate
     k_test: int | None = None  # retrieval ITC top-k / VQA rank candidates; None = paper value
+    # retrieval cost knobs (tasks/retrieval.py); like batch_size they change no number and are not in the run id
+    itm_batch_size: int = 256  # texts per text-encoder batch and (image, text) pairs per ITM batch, across queries
+    itc_memory_mb: int = 512  # budget for the ITC similarity blocks; memory stays flat whatever N x M
+    # OK-VQA with a language model in the loop (tasks/okvqa_llm.py, protocols.md §6); llm None = no LLM
+    llm: str | None = None  # make_llm spec: openai:gpt-3.5-turbo, openai-compatible:<model>@<url>, local:<folder>
+    llm_variant: str | None = None  # caption | noun | questions (the published rows)
+    shots: int | None = None  # in-context examples for the LLM, 0..3; None = the variant's published setting
+    llm_endpoint: str = "chat"  # chat | completions (messages rendered to one prompt)
+    caption_model: str | None = None  # the model that writes the LLM's context; None = `model` (as published)
+    llm_cache: str | None = None  # SQLite answer cache; None = <run dir>/llm_cache.sqlite. Not in the run id
+    llm_replay_only: bool = False  # answer from the cache only, a miss is an error. Not in the run id
     seed: int = 0
 
     def __post_init__(self):
@@ -58,7 +74,7 @@ class EvalConfig:
 
     @property
     def run_id(self) -> str:
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "notebook")}
+        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_RUN_ID}
         if keep["device"] == "auto":
             from blip_repro.zoo import resolve_device
 
@@ -67,6 +83,10 @@ class EvalConfig:
         from blip_repro.zoo import fingerprint
 
         keep["weights"] = fingerprint(self.model)  # a retrained tiny model or a new revision is a new run
+        if self.llm:
+            from blip_repro.tasks.okvqa_llm import weights_fingerprint
+
+            keep["llm_weights"] = weights_fingerprint(self)  # a retrained tiny LLM or captioner is a new run
         digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
         return f"{Path(self.model).name}-{self.dataset}-{self.split}-{digest}"
 

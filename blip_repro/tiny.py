@@ -26,7 +26,33 @@ TINY = {
     "tiny-blip": ("shapes-bert", dict(task="captioning", dataset="shapes", max_steps=3000, batch_size=32, lr=1e-3,
                                       warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
                                       grad_clip=1.0, seed=0, label_smoothing=0.1, num_threads=2)),
+    # The language model of the OK-VQA + LLM pipeline on shapes (tasks/okvqa_llm_train.py): GPT-2, 2 layers, 128 wide.
+    # Retrieval (tasks/retrieval_losses.py): ITC over the batch + ITM with hard negatives, no momentum encoder/queue.
+    "tiny-blip-itm": ("shapes-bert", dict(task="retrieval", dataset="shapes", max_steps=1500, batch_size=32, lr=1e-3,
+                                          warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
+                                          grad_clip=1.0, seed=0, num_threads=2)),
+    "tiny-blip2-itm": ("shapes-bert", dict(task="retrieval", dataset="shapes", max_steps=1500, batch_size=32,
+                                           lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05,
+                                           schedule="cosine", grad_clip=1.0, seed=0, num_threads=2)),
+    "tiny-okvqa-lm": ("shapes-lm", dict(task="okvqa_llm", dataset="shapes", max_steps=1200, batch_size=32, lr=2e-3,
+                                        warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.01, schedule="cosine",
+                                        grad_clip=1.0, seed=0, label_smoothing=0.0, num_threads=2)),
+    # VQA (tasks/vqa_train.py): BLIP-2 with tiny-blip's ViT frozen (shapes.md §4 run F), trained on the shapes VQAv2 +
+    # GQA training splits; BLIP VQA initialised from tiny-blip with BLIP's answer-weighted, label-smoothed loss.
+    "tiny-blip2-opt": ("shapes-opt", dict(task="vqa", dataset="shapes", max_steps=1200, batch_size=64, lr=1e-3,
+                                          warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
+                                          grad_clip=1.0, seed=0, label_smoothing=0.0, freeze_vision=True,
+                                          freeze_llm=False, num_threads=2)),
+    "tiny-blip2-t5": ("shapes-t5", dict(task="vqa", dataset="shapes", max_steps=1200, batch_size=64, lr=1e-3,
+                                        warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
+                                        grad_clip=1.0, seed=0, label_smoothing=0.0, freeze_vision=True,
+                                        freeze_llm=False, num_threads=2)),
+    "tiny-blip-vqa": ("shapes-bert", dict(task="vqa", dataset="shapes-vqav2", max_steps=800, batch_size=32, lr=5e-4,
+                                          warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
+                                          grad_clip=1.0, seed=0, label_smoothing=0.1, num_threads=2)),
 }
+# Tiny models built from another one's trained weights: its recipe is part of theirs (recipe_hash).
+STARTS_FROM = {"tiny-blip2-opt": "tiny-blip", "tiny-blip2-t5": "tiny-blip", "tiny-blip-vqa": "tiny-blip"}
 
 
 def _image_processor(size: int = 64):
@@ -47,6 +73,14 @@ def build_processor(kind: str):
         tok = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]", extra_special_tokens=["[ENC]"],
                             model_max_length=64)
         return BlipProcessor(image_processor=_image_processor(), tokenizer=tok)
+    if kind == "shapes-lm":  # the tiny language model of the OK-VQA + LLM pipeline (a tokenizer only)
+        from blip_repro.tasks.okvqa_llm_train import build_tokenizer
+
+        return build_tokenizer()
+    if kind in ("shapes-opt", "shapes-t5"):  # the tiny BLIP-2 models (tasks/vqa_train.py)
+        from blip_repro.tasks.vqa_train import blip2_processor
+
+        return blip2_processor(kind)
     raise UserError(f"unknown tiny processor kind {kind!r}")
 
 
@@ -67,9 +101,9 @@ def build(name: str, save_to: Path | None = None, seed: int = 0):
     if name not in TINY:
         raise UserError(f"unknown tiny model {name!r}; valid: {', '.join(TINY)}")
     proc = processor(TINY[name][0])
-    tok = proc.tokenizer
+    tok = getattr(proc, "tokenizer", proc)  # a tokenizer-only kind (shapes-lm) is its own tokenizer
     torch.manual_seed(seed)
-    if name == "tiny-blip":
+    if name in ("tiny-blip", "tiny-blip-itm"):
         # shapes.md config B: 64 px, patch 8, hidden 64, 2+2 layers, 4 heads (261k parameters)
         cfg = BlipConfig(
             vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -79,7 +113,30 @@ def build(name: str, save_to: Path | None = None, seed: int = 0):
                              bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
                              sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id),
             projection_dim=64, image_text_hidden_size=64)
-        model = BlipForConditionalGeneration(cfg)
+        if name == "tiny-blip-itm":
+            from transformers import BlipForImageTextRetrieval
+
+            model = BlipForImageTextRetrieval(cfg)
+        else:
+            model = BlipForConditionalGeneration(cfg)
+    if name == "tiny-blip2-itm":
+        from blip_repro.tasks.retrieval_losses import tiny_blip2_itm
+
+        model = tiny_blip2_itm(tok)
+    if name == "tiny-okvqa-lm":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        from blip_repro.tasks.okvqa_llm_train import MAX_TOKENS
+
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=MAX_TOKENS, n_embd=128, n_layer=2,
+                                           n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                           pad_token_id=tok.pad_token_id))
+    if name in ("tiny-blip2-opt", "tiny-blip2-t5", "tiny-blip-vqa"):
+        from blip_repro.tasks import vqa_train
+
+        model = vqa_train.build_tiny_blip_vqa(seed) if name == "tiny-blip-vqa" else \
+            vqa_train.build_tiny_blip2(name, tok, seed)
     model.eval()
     if save_to is not None:
         model.save_pretrained(save_to)
@@ -92,7 +149,10 @@ def recipe_hash(name: str) -> str:
     from blip_repro.data import shapes
 
     kind, recipe = TINY[name]
-    blob = json.dumps({"recipe": recipe, "kind": kind, "shapes": shapes.VERSION, "v": 1}, sort_keys=True)
+    fields = {"recipe": recipe, "kind": kind, "shapes": shapes.VERSION, "v": 1}
+    if name in STARTS_FROM:
+        fields["starts_from"] = recipe_hash(STARTS_FROM[name])
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
@@ -113,7 +173,7 @@ def checkpoint(name: str) -> Path:
 
 
 def _write_processors() -> None:
-    for kind in ("shapes-bert",):
+    for kind in ("shapes-bert", "shapes-lm", "shapes-opt", "shapes-t5"):
         build_processor(kind).save_pretrained(PROCESSORS / kind)
         print(f"wrote {PROCESSORS / kind}")
 

@@ -100,6 +100,16 @@ MODELS: dict[str, ModelSpec] = {
     # --- tiny offline models, trained on the built-in shapes benchmark on demand (blip_repro.train)
     "tiny-blip": _tiny("tiny-blip", "blip", "BlipForConditionalGeneration", "captioning",
                        "261k-parameter BLIP captioner (shapes.md config B), trained ~75 s on shapes"),
+    "tiny-blip2-opt": _tiny("tiny-blip2-opt", "blip2-opt", "Blip2ForConditionalGeneration", "vqa",
+                            "BLIP-2, 2-layer OPT, tiny-blip's frozen ViT, trained on shapes VQA (tasks/vqa_train.py)"),
+    "tiny-blip2-t5": _tiny("tiny-blip2-t5", "blip2-t5", "Blip2ForConditionalGeneration", "vqa",
+                           "BLIP-2, 2-layer T5, tiny-blip's frozen ViT, trained on shapes VQA (tasks/vqa_train.py)"),
+    "tiny-blip-vqa": _tiny("tiny-blip-vqa", "blip-vqa", "BlipForQuestionAnswering", "vqa",
+                           "BLIP VQA initialised from tiny-blip, fine-tuned on shapes VQAv2 (tasks/vqa_train.py)"),
+    "tiny-blip-itm": _tiny("tiny-blip-itm", "blip-itm", "BlipForImageTextRetrieval", "retrieval",
+                           "BLIP ITC/ITM retrieval model of config B size, trained on the shapes captions"),
+    "tiny-blip2-itm": _tiny("tiny-blip2-itm", "blip2-itm", "Blip2ForImageTextRetrieval", "retrieval",
+                            "BLIP-2 stage-1 (Q-Former ITC/ITM) model, 8 queries, trained on the shapes captions"),
 }
 
 # Paper rows that have no released checkpoint, and why (protocols.md §1.4, §2.1, §4.2).

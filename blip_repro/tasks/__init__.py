@@ -6,7 +6,8 @@ from importlib import import_module
 
 from blip_repro.errors import UserError
 
-TASKS = {"captioning": "blip_repro.tasks.captioning"}
+TASKS = {"captioning": "blip_repro.tasks.captioning", "okvqa_llm": "blip_repro.tasks.okvqa_llm",
+         "vqa": "blip_repro.tasks.vqa", "retrieval": "blip_repro.tasks.retrieval"}
 
 
 def get(task: str):

@@ -176,46 +176,142 @@ def score_run(recs: list[dict], preds: dict, cfg, family: str) -> dict:
 
 
 # --- training (blip_repro.train drives these) ------------------------------------------------------------------
+# Sherlock (image + highlighted boxes + clue -> abductive inference): the clue is the prompt, the inference the
+# caption, as the seed's clue+inference text processor (shared/seeds README "Sherlock").
+SHERLOCK_PROMPT = "clue: {clue}. inference:"
+SHERLOCK_FILES = {"train": "sherlock_train_v1_1.json", "val": "sherlock_val_with_split_idxs_v1_1.json"}
+
+
 def train_examples(cfg, processor) -> list[dict]:
+    """Training pairs {"image", "caption"} (+ "prompt", "boxes" for Sherlock) of cfg.dataset."""
     if cfg.dataset == "json":
         if not cfg.ann_file:
             raise UserError("dataset=json needs 'ann_file' (a JSON list of {image, caption}) and 'image_root'")
-        recs = readers.read_caption_train(cfg.ann_file, cfg.image_root or ".", cfg.limit)
-    else:
-        images, anns = readers.dataset_paths(cfg.dataset)
-        if cfg.dataset == "shapes":
-            from blip_repro.data import shapes
+        return readers.read_caption_train(cfg.ann_file, cfg.image_root or ".", cfg.limit)
+    if cfg.dataset == "sherlock":
+        if cfg.split not in SHERLOCK_FILES and not cfg.ann_file:
+            raise UserError(f"dataset=sherlock: split {cfg.split!r} is not one of {', '.join(SHERLOCK_FILES)}")
+        images, anns = readers.dataset_paths("sherlock")
+        recs = readers.read_sherlock(cfg.ann_file or anns / SHERLOCK_FILES[cfg.split], cfg.image_root or images,
+                                     cfg.limit)
+        return [{"image": r["image"], "boxes": r["boxes"], "prompt": SHERLOCK_PROMPT.format(clue=r["clue"]),
+                 "caption": r["inference"]} for r in recs]
+    images, anns = readers.dataset_paths(cfg.dataset)
+    if cfg.dataset == "shapes":
+        from blip_repro.data import shapes
 
-            shapes.generate()
-        recs = readers.read_caption_train(anns / f"coco_karpathy_{cfg.split}.json", images, cfg.limit)
-    return recs
+        shapes.generate()
+    return readers.read_caption_train(anns / f"coco_karpathy_{cfg.split}.json", images, cfg.limit)
+
+
+def example_json_list(dest, limit: int | None = None):
+    """Write "your own data" in its simplest form — a JSON list of {"image": absolute path, "caption"} — from the
+    shapes training split (the fine-tuning notebook's built-in example). Returns the path."""
+    from pathlib import Path
+
+    from blip_repro.data import shapes
+    from blip_repro.fileio import atomic_write_json
+
+    root = shapes.generate()
+    recs = readers.read_caption_train(root / "annotations" / "coco_karpathy_train.json", root / "images", limit)
+    return atomic_write_json(Path(dest), [{"image": str(Path(r["image"]).resolve()), "caption": r["caption"]}
+                                          for r in recs])
 
 
 class PixelCache:
-    """Processed images kept in memory (small datasets such as shapes); a missing/corrupt image names its path."""
+    """Processed images kept in memory up to `max_bytes` (all of shapes; a slice of COCO); a missing or corrupt
+    image names its path. Sherlock boxes are drawn on the image first (readers.highlight_regions)."""
 
-    def __init__(self, processor, max_items: int = 50_000):
-        self.processor, self.max_items, self.store = processor, max_items, {}
+    def __init__(self, processor, max_bytes: int = 1 << 30):
+        self.processor, self.max_bytes, self.used, self.store = processor, max_bytes, 0, {}
 
-    def __call__(self, path) -> torch.Tensor:
-        t = self.store.get(path)
+    def __call__(self, path, boxes=None) -> torch.Tensor:
+        key = (str(path), tuple(map(tuple, boxes or ())))
+        t = self.store.get(key)
         if t is None:
-            t = self.processor(images=readers.load_image(path), return_tensors="pt")["pixel_values"][0]
-            if len(self.store) < self.max_items:
-                self.store[path] = t
+            image = readers.load_image(path)
+            if boxes:
+                image = readers.highlight_regions(image, boxes)
+            t = self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+            if self.used + t.nbytes <= self.max_bytes:
+                self.store[key] = t
+                self.used += t.nbytes
         return t
 
 
-_CACHES: dict[int, PixelCache] = {}
+_CACHES: dict[int, tuple] = {}  # id(processor) -> (weak reference to it, its PixelCache)
+
+
+def _pixels(processor, examples: list[dict]) -> torch.Tensor:
+    import weakref
+
+    hit = _CACHES.get(id(processor))
+    if hit is None or hit[0]() is not processor:  # new processor (or a dead one's id reused)
+        for k in [k for k, (ref, _) in _CACHES.items() if ref() is None]:
+            del _CACHES[k]
+        hit = _CACHES[id(processor)] = (weakref.ref(processor), PixelCache(processor))
+    return torch.stack([hit[1](e["image"], e.get("boxes")) for e in examples])
 
 
 def train_batch_for(processor, examples: list[dict], cfg, family: str) -> dict:
-    if family != "blip":
-        raise UserError(f"captioning training for model family {family!r} is not implemented yet")
-    cache = _CACHES.setdefault(id(processor), PixelCache(processor))
-    examples = [dict(e, pixel_values=cache(e["image"])) for e in examples]
-    return train_batch(processor, examples, protocol_for(family, cfg.dataset))
+    pixel_values = _pixels(processor, examples)
+    if family == "blip":
+        if any("prompt" in e for e in examples):
+            raise UserError(f"dataset {cfg.dataset}: per-record prompts (Sherlock clues) need a BLIP-2 model")
+        p = protocol_for(family, cfg.dataset, {"prompt": cfg.prompt})
+        return train_batch(processor, [dict(e, pixel_values=px) for e, px in zip(examples, pixel_values)], p)
+    if family in ("blip2-opt", "blip2-t5"):
+        prompt = cfg.prompt if cfg.prompt is not None else PROTOCOLS["blip2"].prompt
+        build = _blip2_opt_batch if family == "blip2-opt" else _blip2_t5_batch
+        return {"pixel_values": pixel_values, **build(processor, examples, prompt)}
+    raise UserError(f"captioning training for model family {family!r} is not implemented; use a BLIP or BLIP-2 "
+                    "captioning model")
+
+
+def _right_pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def _image_tokens(processor) -> list[int]:
+    """The `<image>` placeholders the HF BLIP-2 model fills with the Q-Former outputs (num_query_tokens of them)."""
+    token = getattr(processor.image_token, "content", processor.image_token)
+    return [processor.tokenizer.convert_tokens_to_ids(token)] * processor.num_query_tokens
+
+
+def _blip2_opt_batch(processor, examples: list[dict], prompt: str, max_txt_len: int = 32) -> dict:
+    """LAVIS blip2_opt.forward: text = prompt + " " + caption + "\n", right-padded, at most max_txt_len tokens;
+    the loss skips the query positions, BOS + prompt and padding (protocols.md §2.4, §2.7). "\n" ends a caption
+    (LAVIS generates with it as EOS); a tokenizer that drops it (the tiny word-level ones) ends with its EOS."""
+    tok = processor.tokenizer
+    end = tok("\n", add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+    image = _image_tokens(processor)
+    ids, labels = [], []
+    for e in examples:
+        p = e.get("prompt", prompt)
+        text = tok(f"{p} {readers_pre_caption(e['caption'], 50)}")["input_ids"][:max_txt_len - len(end)] + end
+        n_prompt = len(tok(p)["input_ids"])
+        ids.append(image + text)
+        labels.append([-100] * (len(image) + n_prompt) + text[n_prompt:])
+    input_ids = _right_pad(ids, tok.pad_token_id)
+    return {"input_ids": input_ids, "attention_mask": _right_pad([[1] * len(r) for r in ids], 0),
+            "labels": _right_pad(labels, -100)}
+
+
+def _blip2_t5_batch(processor, examples: list[dict], prompt: str, max_txt_len: int = 32) -> dict:
+    """FlanT5: the query outputs and the prompt feed the encoder, the caption is the decoder's target (as the
+    prompt is used at generation; LAVIS has no FlanT5 caption fine-tuning recipe to copy)."""
+    tok = processor.tokenizer
+    image = _image_tokens(processor)
+    enc = [image + tok(e.get("prompt", prompt))["input_ids"][:max_txt_len] for e in examples]
+    dec = [tok(readers_pre_caption(e["caption"], 50))["input_ids"][:max_txt_len] for e in examples]
+    return {"input_ids": _right_pad(enc, tok.pad_token_id),
+            "attention_mask": _right_pad([[1] * len(r) for r in enc], 0),
+            "labels": _right_pad(dec, -100), "decoder_attention_mask": _right_pad([[1] * len(r) for r in dec], 0)}
 
 
 def train_loss(model, batch: dict, cfg) -> torch.Tensor:
+    """BLIP: LM loss with label smoothing (prompt masked, [DEC] first); BLIP-2: the LLM's own LM loss (none)."""
+    if type(getattr(model, "module", model)).__name__.startswith("Blip2"):
+        return model(**batch).loss
     return loss(model, batch, cfg.label_smoothing)

@@ -1,0 +1,109 @@
+"""The OK-VQA + LLM table of notebooks/okvqa.ipynb: one run per variant, ours beside the published rows, the BLIP-2
+baseline, the LLM work each run took, and the figure comparing the variants (protocols.md §6)."""
+from __future__ import annotations
+
+from blip_repro import report, runs
+
+PUBLISHED_LLM = "openai:gpt-3.5-turbo"  # "GPT-3" of the blog post (protocols.md §6)
+BASELINE_ROW = "blip23-flant5xl-baseline"  # every published variant is compared with this 39.3
+# Runs live in outputs/okvqa/llm/<run id>/ (LLM cache included): beside the notebook's BLIP-2 runs, not among them
+NOTEBOOK = "okvqa/llm"
+COLUMNS = ("model", "variant", "shots", "llm", "ours", "published", "delta", "tolerance", "status", "blip2_alone",
+           "gain", "published_gain", "n", "note")
+
+
+def _list(value) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()] if value not in (None, "") else []
+
+
+def variant_configs(llm: str, llm_variants: str, shots, **params) -> list[runs.EvalConfig]:
+    """One EvalConfig per (variant, shots): `llm_variants` "caption,noun,questions" (any subset, "" = none),
+    `shots` 3, 0 or "3,0" (the questions variant is always zero-shot, as published)."""
+    out = []
+    for variant in _list(llm_variants):
+        for s in ([0] if variant == "questions" else [int(s) for s in _list(shots)] or [None]):
+            cfg = runs.eval_config("okvqa_llm", notebook=NOTEBOOK, llm=llm, llm_variant=variant, shots=s, **params)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def paper_row(cfg: dict) -> str:
+    """The report.PAPER row a run reproduces: blip23-<model>-<variant>-<shots>shot."""
+    from blip_repro.tasks.okvqa_llm import VARIANTS
+
+    variant = cfg.get("llm_variant") or "caption"
+    shots = VARIANTS.get(variant, 0) if cfg.get("shots") is None else cfg["shots"]
+    return f"blip23-{cfg['model']}-{variant}-{shots}shot"
+
+
+def rows(llm_runs: list[dict]) -> list[dict]:
+    """One row per finished LLM run ({"config", "metrics"} as runs.finished_runs gives), then BLIP-2 alone."""
+    out, baselines = [], {}
+    for r in llm_runs:
+        cfg, m = r["config"], r["metrics"]
+        dataset = cfg["dataset"]
+        paper = report.PAPER.get(("okvqa", paper_row(cfg), dataset), {}).get("vqa_acc")
+        base = report.PAPER.get(("okvqa", BASELINE_ROW, dataset), {}).get("vqa_acc")  # the blog's one baseline
+        ours, alone = m.get("vqa_acc"), m.get("blip2_vqa_acc")
+        delta = None if ours is None or paper is None else round(ours - paper, 2)
+        tol = report.TOLERANCE["vqa_acc"] if paper is not None else None
+        note = "" if paper is None or cfg["llm"] == PUBLISHED_LLM else f"published with {PUBLISHED_LLM}"
+        if cfg.get("caption_model"):
+            note = (note + "; " if note else "") + f"captions by {cfg['caption_model']}"
+        out.append({"model": cfg["model"], "variant": m.get("llm_variant"), "shots": m.get("shots"),
+                    "llm": cfg["llm"], "ours": ours, "published": paper, "delta": delta, "tolerance": tol,
+                    "status": "" if delta is None else ("within" if abs(delta) <= tol else "outside"),
+                    "blip2_alone": alone, "gain": None if ours is None or alone is None else round(ours - alone, 2),
+                    "published_gain": None if paper is None or base is None else round(paper - base, 2),
+                    "n": m.get("n_scored"), "note": note})
+        mine = base if BASELINE_ROW == f"blip23-{cfg['model']}-baseline" else None
+        baselines.setdefault((cfg["model"], dataset), (alone, mine, m.get("n_scored")))
+    for (model, _), (alone, base, n) in baselines.items():
+        out.append({"model": model, "variant": "BLIP-2 alone", "shots": None, "llm": None, "ours": alone,
+                    "published": base, "delta": None if alone is None or base is None else round(alone - base, 2),
+                    "tolerance": report.TOLERANCE["vqa_acc"] if base is not None else None, "n": n,
+                    "note": "BLIP-2's own answers in the same runs (the fallback); published: the blog's reproduction"
+                    if base is not None else "BLIP-2's own answers in the same runs (the fallback)"})
+    return out
+
+
+def usage(llm_runs: list[dict], session: dict) -> list[dict]:
+    """LLM work per run when its predictions were made, and what this session sent (0 requests: all replayed)."""
+    out = [{"run": f"{r['metrics'].get('llm_variant')} {r['metrics'].get('shots')}-shot", **r["metrics"]["llm_usage"]}
+           for r in llm_runs]
+    return out + [{"run": "this session", **session}]
+
+
+def finished(dataset: str, configs: list[runs.EvalConfig]) -> list[dict]:
+    """The finished runs of exactly these configurations, in their order."""
+    ids = [c.run_id for c in configs]
+    by_id = {r["metrics"].get("run_id"): r for r in runs.finished_runs(NOTEBOOK, dataset)}
+    return [by_id[i] for i in ids if i in by_id]
+
+
+def figure(table: list[dict], title: str):
+    """Bars per variant: ours, BLIP-2 alone in the same run, and the published number where there is one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    llm_rows = [r for r in table if r["llm"]]
+    labels = [f"{r['variant']}\n{r['shots']}-shot\n{r['model']}" for r in llm_rows]
+    x = list(range(len(llm_rows)))
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(llm_rows) + 1.5), 3.8))
+    ax.bar([i - 0.27 for i in x], [r["ours"] or 0 for r in llm_rows], 0.27, label="ours: BLIP-2 + LLM", color="#3465a4")
+    ax.bar(x, [r["blip2_alone"] or 0 for r in llm_rows], 0.27, label="ours: BLIP-2 alone", color="#babdb6")
+    if any(r["published"] is not None for r in llm_rows):
+        ax.bar([i + 0.27 for i in x], [r["published"] or 0 for r in llm_rows], 0.27, label="published",
+               color="#f57900")
+    base = next((r["published"] for r in table if not r["llm"] and r["published"] is not None), None)
+    if base is not None:
+        ax.axhline(base, ls="--", lw=1, color="#cc0000", label=f"published BLIP-2 alone ({base})")
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("VQA accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

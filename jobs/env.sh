@@ -1,0 +1,96 @@
+# jobs/env.sh: what every job in jobs/ shares. Sourced by run_eval.job, run_dataset.job and run_train.job after
+# they have found the checkout ($ROOT). Edit HERE: the Python environment, the data and model-cache folders, threads.
+#
+# Edit the resources (partition, GPUs, time, memory) in the #SBATCH lines at the TOP OF EACH .job FILE instead,
+# because Slurm reads #SBATCH lines only from the submitted script and never from a sourced file. You can also pass
+# them on the command line, which overrides the file: `sbatch -p gpu --time=2:00:00 jobs/run_eval.job`.
+
+cd "$ROOT" || exit 1
+
+# --- Python environment: ./.venv if present, else the conda env that create_env.sh made ---
+# If your cluster needs a module for conda or CUDA, load it here, e.g.: module load 2023 Anaconda3/2023.07-2
+set +u  # activate scripts read unset variables
+if [ -f "$ROOT/.venv/bin/activate" ]; then
+  source "$ROOT/.venv/bin/activate"
+elif command -v conda >/dev/null 2>&1; then
+  eval "$(conda shell.bash hook)" && conda activate "${BLIP_REPRO_CONDA_ENV:-blip-repro}"
+else
+  echo "[job] no $ROOT/.venv and no conda: run 'bash create_env.sh' in $ROOT first" >&2
+  exit 1
+fi
+
+# --- where things live (point these at your scratch file system; set them before sbatch to override) ---
+export BLIP_REPRO_DATA=${BLIP_REPRO_DATA:-$ROOT/data}    # datasets: blip-repro download writes here
+export HF_HOME=${HF_HOME:-$HOME/.cache/huggingface}     # model weights; use the same value on the login node
+# results default to $ROOT/outputs; set BLIP_REPRO_OUTPUTS to move them
+
+# --- threads: what Slurm gave this task, never more than the cores this process may use ---
+_cores=$(nproc)
+export OMP_NUM_THREADS=$(( ${SLURM_CPUS_PER_TASK:-$_cores} < _cores ? ${SLURM_CPUS_PER_TASK:-$_cores} : _cores ))
+export MKL_NUM_THREADS=$OMP_NUM_THREADS
+export TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1   # lines reach the Slurm log as they are printed
+export MPLBACKEND=Agg
+
+echo "[job] ${SLURM_JOB_NAME:-local} ${SLURM_JOB_ID:-} on $(hostname) restart ${SLURM_RESTART_COUNT:-0}," \
+     "$(date '+%F %T'), $(python --version 2>&1) at $(command -v python), git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)," \
+     "threads $OMP_NUM_THREADS, GPUs ${CUDA_VISIBLE_DEVICES:-none}"
+
+# blip_run CMD...: run CMD so that the job survives preemption and time limits.
+# The jobs ask for `--signal=B:USR1@120`: Slurm signals this shell 120 s before the time limit. Then the run and
+# everything it started are stopped (the papermill kernel runs in its own session, so stopping papermill alone would
+# leave it computing) and the job requeues itself. The requeued job starts this script again, and the run resumes:
+# evaluation keeps one prediction per finished record and skips those, training resumes from its checkpoint.
+# On SIGTERM (scancel, or preemption, which Slurm requeues by itself) the run is stopped the same way, without a
+# self-requeue, so that scancel still cancels.
+blip_run() {
+  "$@" &
+  _BLIP_CHILD=$!
+  trap '_blip_stop USR1' USR1
+  trap '_blip_stop TERM' TERM
+  local rc=0
+  wait "$_BLIP_CHILD" || rc=$?
+  trap - USR1 TERM
+  return "$rc"
+}
+
+_blip_stop() {
+  echo "[job] $(date +%T) SIG$1: stopping the run (pid $_BLIP_CHILD and everything it started)"
+  _blip_stop_tree "$_BLIP_CHILD"
+  if [ "$1" = USR1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "[job] $(date +%T) requeueing job $SLURM_JOB_ID; the rerun resumes where this one stopped"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  exit 143
+}
+
+_blip_descendants() {
+  local p
+  for p in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$p"; _blip_descendants "$p"; done
+}
+
+_blip_alive() {
+  local s
+  s=$(ps -o stat= -p "$1" 2>/dev/null)
+  [ -n "$s" ] && [ "${s#Z}" = "$s" ]
+}
+
+# SIGTERM to a process and all its descendants (listed first: they are re-parented once it exits), then wait up to
+# 90 s (inside the 120 s warning) for all of them to exit; SIGKILL what is left.
+_blip_stop_tree() {
+  local pids p left
+  pids="$1 $(_blip_descendants "$1")"
+  for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
+  for _ in $(seq 180); do
+    left=""
+    for p in $pids; do _blip_alive "$p" && left="$left $p"; done  # zombies count as gone
+    [ -z "$left" ] && break
+    sleep 0.5
+  done
+  if [ -n "$left" ]; then
+    echo "[job] still running after 90 s, killing:$left"
+    for p in $left; do kill -KILL "$p" 2>/dev/null || true; done
+  fi
+  wait "$1" 2>/dev/null || true
+}

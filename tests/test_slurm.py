@@ -1,0 +1,188 @@
+"""The Slurm jobs on a real single-node cluster (tests/slurm_cluster.py): `sbatch jobs/run_eval.job` runs a notebook
+by papermill into outputs/ with its output in the Slurm log; a job stopped in the middle of an evaluation (by the
+time-limit warning signal, or by `scontrol requeue`) is requeued and finishes with the numbers of an uninterrupted
+run, no record predicted twice; run_dataset.job and run_train.job (srun + torchrun) run as documented.
+
+Each job gets its own BLIP_REPRO_OUTPUTS (so no run reuses another's finished results) that shares the session's
+trained tiny models, so no job trains one.
+"""
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from slurm_cluster import ROOT, slurm_cluster  # noqa: F401 - the fixture
+
+from blip_repro import reproduce, runs, tasks, tiny
+
+pytestmark = pytest.mark.slow
+
+
+def _experiment() -> tuple[str, str]:
+    """(NOTEBOOK, PARAMS): the OK-VQA shapes experiment where it exists (the job's default table), else captioning."""
+    for name in ("okvqa", "captioning"):
+        if (ROOT / "params" / "shapes" / f"{name}.yaml").exists() and (ROOT / "notebooks" / f"{name}.ipynb").exists():
+            return f"notebooks/{name}.ipynb", f"params/shapes/{name}.yaml"
+    pytest.fail("no notebook with params/shapes/<notebook>.yaml")
+
+
+NOTEBOOK, PARAMS = _experiment()
+NAME = Path(NOTEBOOK).stem
+CFG = runs.eval_config_from_file(ROOT / PARAMS)
+KEY = tasks.get(CFG.task).KEY
+
+
+@pytest.fixture(scope="module")
+def models_dir() -> Path:
+    """Train (once per test cache) every tiny model the params name; the jobs then find them through a link."""
+    for value in yaml.safe_load((ROOT / PARAMS).read_text()).values():
+        if isinstance(value, str) and value in tiny.TINY:
+            tiny.checkpoint(value)
+    return runs.outputs_root() / "models"
+
+
+def _job_env(tmp: Path, models: Path) -> dict:
+    out = tmp / "outputs"
+    out.mkdir()
+    models.mkdir(parents=True, exist_ok=True)
+    (out / "models").symlink_to(models, target_is_directory=True)
+    return {"NOTEBOOK": NOTEBOOK, "PARAMS": PARAMS, "BLIP_REPRO_OUTPUTS": str(out),
+            "BLIP_REPRO_FIGURES": str(tmp / "figures")}
+
+
+def _read_ids(path: Path) -> list:
+    ids = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            ids.append(json.loads(line)[KEY])
+        except (json.JSONDecodeError, KeyError):
+            pass  # a torn last line; the resumed run drops it
+    return ids
+
+
+@pytest.fixture(scope="module")
+def baseline(slurm_cluster, models_dir, tmp_path_factory):  # noqa: F811
+    """`sbatch jobs/run_eval.job`, unmodified but for NOTEBOOK/PARAMS and the outputs folder; run to the end."""
+    tmp = tmp_path_factory.mktemp("eval")
+    env = _job_env(tmp, models_dir)
+    log = tmp / "job.out"
+    job = slurm_cluster.sbatch(f"--output={log}", "jobs/run_eval.job", env=env)
+    info = slurm_cluster.wait(job, timeout=1200, log=log)
+    out = Path(env["BLIP_REPRO_OUTPUTS"])
+    run_dir = next(out.glob(f"{NAME}/*/metrics.json"), tmp / "missing").parent
+    return {"info": info, "log": log, "out": out, "run_dir": run_dir, "cluster": slurm_cluster}
+
+
+def test_eval_job_runs_the_notebook_into_outputs(baseline):
+    info, log, out = baseline["info"], baseline["log"], baseline["out"]
+    why = baseline["cluster"].logs(log)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), why
+    executed = out / "notebooks" / f"{NAME}_shapes.ipynb"  # the name blip-repro reproduce uses too
+    assert reproduce.notebook_status(executed) == ("ok", ""), why
+    summary = json.loads((out / NAME / "summary.json").read_text())
+    assert summary["suite"] == "shapes" and summary["rows"], why
+    assert all(c["passed"] for c in summary.get("checks", [])), summary.get("checks")
+    assert json.loads(executed.with_suffix(".summary.json").read_text()) == summary
+    assert all(Path(f).exists() and str(f).startswith(str(out.parent)) for f in summary["figures"])
+    # --log-output: what the cells printed is in the Slurm log as it happened
+    nb = json.loads(executed.read_text())
+    printed = [o["data"]["text/plain"] for c in nb["cells"] for o in c.get("outputs", []) if "text/plain" in
+               o.get("data", {})]
+    first = "".join(printed[0]).splitlines()[0]
+    assert first in log.read_text(), why
+    metrics = json.loads((baseline["run_dir"] / "metrics.json").read_text())
+    ids = _read_ids(baseline["run_dir"] / "predictions.jsonl")
+    assert len(ids) == len(set(ids)) == metrics["n_scored"] > 0
+
+
+def _processes_writing_to(out: Path) -> list[int]:
+    """PIDs whose environment points BLIP_REPRO_OUTPUTS at `out` (papermill, its kernel, ...)."""
+    needle = f"BLIP_REPRO_OUTPUTS={out}\0".encode()
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (d / "environ").read_bytes() and (d / "stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.parametrize("how", ["time-limit signal", "scontrol requeue"])
+def test_preempted_eval_job_resumes_with_the_same_numbers(baseline, models_dir, tmp_path, how):
+    cluster = baseline["cluster"]
+    env = _job_env(tmp_path, models_dir)
+    out, log = Path(env["BLIP_REPRO_OUTPUTS"]), tmp_path / "job.out"
+    n = json.loads((baseline["run_dir"] / "metrics.json").read_text())["n_scored"]
+    # small batches: many appends, so the stop lands in the middle (batch size never changes a prediction)
+    job = cluster.sbatch(f"--output={log}", "jobs/run_eval.job", "-p", "batch_size", "10", env=env)
+    deadline, part = time.time() + 1200, None
+    while time.time() < deadline and part is None:
+        part = next((p for p in out.glob("*/*/predictions.part-*.jsonl") if len(_read_ids(p)) >= 10), None)
+        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), cluster.logs(log)
+        time.sleep(0.05)
+    assert part is not None, cluster.logs(log)
+    if how == "time-limit signal":  # what --signal=B:USR1@120 delivers before the time limit
+        cluster.run("scancel", "--batch", "--signal=USR1", job)
+    else:
+        cluster.run("scontrol", "requeue", job)
+    state = cluster.wait(job, timeout=120, log=log, until=("PENDING", "COMPLETED", "FAILED", "CANCELLED"))
+    assert state["JobState"] == "PENDING", cluster.logs(log)  # requeued
+    stopped_by = time.time() + 60
+    while _processes_writing_to(out) and time.time() < stopped_by:
+        time.sleep(0.5)
+    assert not _processes_writing_to(out), "the stopped attempt left processes running\n" + cluster.logs(log)
+    before = _read_ids(part)
+    assert 0 < len(before) < n, f"not stopped in the middle of the evaluation ({len(before)} of {n})"
+    cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # skip Slurm's 2-minute requeue delay
+    seen, deadline = before, time.time() + 1200
+    while cluster.job(job)["JobState"] in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") \
+            and time.time() < deadline:
+        ids = _read_ids(part)  # the resumed attempt appends here; the file goes once merged
+        assert len(ids) == len(set(ids)), "a record was predicted twice"
+        seen = ids if len(ids) > len(seen) else seen
+        time.sleep(0.05)
+    info = cluster.wait(job, timeout=60, log=log)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), cluster.logs(log)
+    assert "restart 0," in text and "restart 1," in text, text
+    assert ("SIGUSR1" in text and "requeueing job" in text) if how == "time-limit signal" else "SIGTERM" in text
+    assert seen[:len(before)] == before and len(seen) <= n  # the rerun only appended the records still to do
+    run_dir = next(out.glob(f"{NAME}/*/metrics.json")).parent
+    assert run_dir.name == baseline["run_dir"].name
+    ids = _read_ids(run_dir / "predictions.jsonl")
+    assert len(ids) == len(set(ids)) == n
+    assert (run_dir / "predictions.jsonl").read_text() == (baseline["run_dir"] / "predictions.jsonl").read_text()
+    assert json.loads((run_dir / "metrics.json").read_text()) == \
+        json.loads((baseline["run_dir"] / "metrics.json").read_text())
+    assert reproduce.notebook_status(out / "notebooks" / f"{NAME}_shapes.ipynb") == ("ok", "")
+
+
+def test_dataset_job_downloads_into_the_data_folder(slurm_cluster, tmp_path):  # noqa: F811
+    env = {"BLIP_REPRO_DATA": str(tmp_path / "data")}
+    job = slurm_cluster.sbatch(f"--output={tmp_path}/none.out", "jobs/run_dataset.job", env=env)
+    info = slurm_cluster.wait(job, timeout=300)
+    assert info["JobState"] == "FAILED" and "usage: sbatch jobs/run_dataset.job" in (tmp_path / "none.out").read_text()
+    log = tmp_path / "shapes.out"
+    job = slurm_cluster.sbatch(f"--output={log}", "jobs/run_dataset.job", "shapes", env=env)
+    info = slurm_cluster.wait(job, timeout=600, log=log)
+    assert info["JobState"] == "COMPLETED", slurm_cluster.logs(log)
+    assert (tmp_path / "data" / "shapes" / "annotations" / "coco_karpathy_test.json").exists(), slurm_cluster.logs(log)
+
+
+def test_train_job_runs_torchrun_under_srun(slurm_cluster, tmp_path):  # noqa: F811
+    params = tmp_path / "tiny.yaml"
+    params.write_text(yaml.safe_dump({"task": "captioning", "model": "tiny-blip", "init": "random",
+                                      "dataset": "shapes", "max_steps": 2, "batch_size": 4, "limit": 16,
+                                      "num_threads": 1, "output_dir": str(tmp_path / "train")}))
+    log = tmp_path / "train.out"
+    # the file asks for 2 nodes x 4 GPUs; this cluster has one node with one, so 2 CPU processes (gloo) on it
+    job = slurm_cluster.sbatch(f"--output={log}", "--nodes=1", "--gpus-per-node=1", "jobs/run_train.job", str(params),
+                               "log_every=1", env={"NPROC_PER_NODE": "2"})
+    info = slurm_cluster.wait(job, timeout=600, log=log)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), slurm_cluster.logs(log)
+    assert "1 node(s) x 2 process(es), rendezvous localhost:" in log.read_text()
+    result = json.loads((tmp_path / "train" / "train_result.json").read_text())
+    assert (result["world_size"], result["steps"]) == (2, 2), slurm_cluster.logs(log)
+    assert (tmp_path / "train" / "model" / "config.json").exists()

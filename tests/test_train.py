@@ -1,0 +1,332 @@
+"""blip_repro.train in one process: config errors, parameter groups (layer-wise decay), schedules, BLIP-2 caption
+batches and loss, freezing, gradient checkpointing, the output folder and checkpoint guards, Sherlock data.
+
+The multi-process behaviour (DDP equivalence, kill and resume) is in test_train_dist.py.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from blip_repro import checkpoint, optim, tiny
+from blip_repro.data import readers, shapes
+from blip_repro.errors import UserError
+from blip_repro.runs import config_from
+from blip_repro.tasks import captioning
+from blip_repro.train import TrainConfig, finetune
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+# ---- helpers shared with test_train_dist.py --------------------------------------------------------------------
+def build_tiny_blip2(folder: Path, lm: str = "opt", seed: int = 0) -> Path:
+    """A dropout-free tiny Blip2ForConditionalGeneration (OPT or T5) with a word-level tokenizer over the shapes
+    vocabulary, saved with its Blip2Processor (shapes.md §3-4 pitfalls: <image> in the vocabulary, added as a
+    special token by the processor without growing it; image_token_index and num_query_tokens agree)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, OPTConfig,
+                              PreTrainedTokenizerFast, T5Config)
+
+    words = ["<pad>", "</s>", "<unk>", "<image>", ".", ":", ",", "clue", "inference"] + shapes.vocabulary()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    template = "</s> $A" if lm == "opt" else "$A </s>"  # OPT: BOS first; T5: EOS last
+    tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  **({"bos_token": "</s>"} if lm == "opt" else {}))
+    proc = Blip2Processor(image_processor=tiny._image_processor(), tokenizer=tok, num_query_tokens=4)
+    assert len(tok) == len(vocab)
+    small = dict(hidden_size=32, num_attention_heads=4)
+    if lm == "opt":
+        text = OPTConfig(vocab_size=len(vocab), ffn_dim=64, num_hidden_layers=2, word_embed_proj_dim=32,
+                         max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=1, **small).to_dict()
+    else:
+        text = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0).to_dict()
+    cfg = Blip2Config(
+        vision_config=dict(intermediate_size=64, num_hidden_layers=2, image_size=64, patch_size=8,
+                           initializer_range=0.02, **small),
+        qformer_config=dict(intermediate_size=64, num_hidden_layers=2, encoder_hidden_size=32,
+                            cross_attention_frequency=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                            **small),
+        text_config=text, num_query_tokens=4, image_token_index=vocab["<image>"])
+    torch.manual_seed(seed)
+    Blip2ForConditionalGeneration(cfg).save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+def equal_length_json(dest: Path, n: int, tokenizer) -> Path:
+    """A JSON list of shapes training pairs whose captions all have the same token count, so that a mean over
+    each rank's tokens equals the mean over the whole batch (DDP averages per-rank means)."""
+    root = shapes.generate()
+    recs = readers.read_caption_train(root / "annotations/coco_karpathy_train.json", root / "images")
+    length = lambda r: len(tokenizer(captioning.readers_pre_caption(r["caption"]))["input_ids"])  # noqa: E731
+    common = max(set(map(length, recs[:500])), key=[length(r) for r in recs[:500]].count)
+    chosen = [r for r in recs if length(r) == common][:n]
+    assert len(chosen) == n
+    dest.write_text(json.dumps([{"image": str(r["image"]), "caption": r["caption"]} for r in chosen]))
+    return dest
+
+
+def params_of(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+# ---- config ----------------------------------------------------------------------------------------------------
+def test_params_errors_name_the_key_and_the_fix():
+    with pytest.raises(UserError, match="unknown key 'learning_rate'"):
+        config_from(TrainConfig, {"task": "captioning", "model": "tiny-blip", "max_steps": 1, "learning_rate": 1.0})
+    with pytest.raises(UserError, match="'batch_size': expected int, got str"):
+        TrainConfig(task="captioning", model="tiny-blip", max_steps=1, batch_size="8")
+    with pytest.raises(UserError, match="exactly one of"):
+        TrainConfig(task="captioning", model="tiny-blip", max_steps=1, epochs=1)
+    with pytest.raises(UserError, match="'precision': 'half' is not one of"):
+        TrainConfig(task="captioning", model="tiny-blip", max_steps=1, precision="half")
+    # YAML 1.1 reads `lr: 1e-5` as a string; it is a float here
+    assert TrainConfig(task="captioning", model="tiny-blip", max_steps=1, lr="1e-5").lr == 1e-5
+
+
+# ---- optimizer and schedule ------------------------------------------------------------------------------------
+def test_layer_wise_lr_decay_follows_lavis_layer_ids():
+    model, _ = tiny.build("tiny-blip")  # 2 ViT blocks
+    groups = optim.param_groups(model, lr=1.0, weight_decay=0.05, layer_decay=0.5, decay_1d=False)
+    lr = {name: g["lr"] for g in groups for name in g["names"]}
+    wd = {name: g["weight_decay"] for g in groups for name in g["names"]}
+    assert lr["vision_model.embeddings.patch_embedding.weight"] == 0.5 ** 3  # layer 0 -> decay^(n+1)
+    assert lr["vision_model.encoder.layers.0.mlp.fc1.weight"] == 0.5 ** 2
+    assert lr["vision_model.encoder.layers.1.mlp.fc1.weight"] == 0.5
+    assert lr["vision_model.post_layernorm.weight"] == 1.0  # LAVIS ln_vision sits outside the ViT
+    assert lr["text_decoder.cls.predictions.transform.dense.weight"] == 1.0
+    assert wd["vision_model.encoder.layers.0.mlp.fc1.bias"] == 0.0
+    assert wd["text_decoder.bert.embeddings.word_embeddings.weight"] == 0.05
+    blip = optim.param_groups(model, lr=1.0, weight_decay=0.05)  # BLIP decays everything, one group
+    assert len(blip) == 1 and blip[0]["weight_decay"] == 0.05
+
+
+def test_schedules_blip_epoch_cosine_and_lavis_warmup():
+    f = optim.lr_multiplier("epoch_cosine", total=50, steps_per_epoch=10)
+    assert [f(s) for s in (0, 9)] == [1.0, 1.0]  # constant within an epoch
+    assert f(10) == pytest.approx(0.5 * (1 + math.cos(math.pi / 5)))  # BLIP cosine_lr_schedule, epoch 1 of 5
+    g = optim.lr_multiplier("epoch_cosine", total=5000, steps_per_epoch=1000, warmup_steps=1000, warmup_ratio=1e-3)
+    assert g(0) == pytest.approx(1e-3) and g(500) == pytest.approx(1e-3 + (1 - 1e-3) * 0.5)
+    assert g(1000) == pytest.approx(0.5 * (1 + math.cos(math.pi / 5)))
+    h = optim.lr_multiplier("cosine", total=110, steps_per_epoch=10, warmup_steps=10, min_ratio=0.1)
+    assert h(10) == 1.0 and h(110) == pytest.approx(0.1) and h(60) == pytest.approx(0.55)
+
+
+# ---- BLIP-2 caption batches and loss ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def blip2_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("blip2")
+    return {lm: build_tiny_blip2(root / lm, lm) for lm in ("opt", "t5")}
+
+
+def _examples(n=3):
+    root = shapes.generate()
+    return readers.read_caption_train(root / "annotations/coco_karpathy_train.json", root / "images", limit=n)
+
+
+def test_blip2_opt_batch_masks_queries_bos_and_prompt(blip2_folders):
+    from blip_repro import zoo
+
+    model, proc = zoo.load_model(str(blip2_folders["opt"]), device="cpu")
+    cfg = TrainConfig(task="captioning", model="x", max_steps=1)
+    ex = _examples()
+    batch = captioning.train_batch_for(proc, ex, cfg, "blip2-opt")
+    tok, image_id = proc.tokenizer, model.config.image_token_index
+    ids, labels = batch["input_ids"], batch["labels"]
+    assert (ids[:, :4] == image_id).all() and (ids[:, 4] == tok.eos_token_id).all()  # queries, then BOS </s>
+    n_prompt = len(tok("a photo of")["input_ids"])  # BOS + 3 words
+    assert (labels[:, :4 + n_prompt] == -100).all()
+    first = tok(captioning.readers_pre_caption(ex[0]["caption"]), add_special_tokens=False)["input_ids"]
+    row = labels[0][labels[0] != -100].tolist()
+    assert row == first + [tok.eos_token_id]  # the caption, then the end token ("\n" or EOS)
+    assert (labels[batch["attention_mask"] == 0] == -100).all()
+    loss = captioning.train_loss(model.train(), batch, cfg)
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_blip2_t5_batch_prompt_to_encoder_caption_to_decoder(blip2_folders):
+    from blip_repro import zoo
+
+    model, proc = zoo.load_model(str(blip2_folders["t5"]), device="cpu")
+    cfg = TrainConfig(task="captioning", model="x", max_steps=1)
+    ex = _examples(2)
+    batch = captioning.train_batch_for(proc, ex, cfg, "blip2-t5")
+    tok = proc.tokenizer
+    assert batch["input_ids"][0].tolist() == [model.config.image_token_index] * 4 + tok("a photo of")["input_ids"]
+    want = tok(captioning.readers_pre_caption(ex[0]["caption"]))["input_ids"]
+    assert batch["labels"][0][: len(want)].tolist() == want
+    assert torch.isfinite(captioning.train_loss(model.train(), batch, cfg))
+
+
+def _json_run(tmp_path, folder, name, n=8, **kw) -> TrainConfig:
+    ann = tmp_path / f"{name}.json"
+    if not ann.exists():
+        root = shapes.generate()
+        ann.write_text(json.dumps([{"image": str(r["image"]), "caption": r["caption"]} for r in _examples(n)]))
+    base = dict(task="captioning", model=str(folder), dataset="json", ann_file=str(ann), max_steps=2, batch_size=4,
+                lr=1e-3, log_every=1, num_threads=1, output_dir=str(tmp_path / name))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_frozen_llm_and_vit_do_not_move_and_checkpointing_changes_nothing(tmp_path, blip2_folders, monkeypatch):
+    from transformers.models.opt import modeling_opt
+
+    calls = []
+    forward = modeling_opt.OPTAttention.forward  # inside the checkpointed layer: runs again when recomputed
+    monkeypatch.setattr(modeling_opt.OPTAttention, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    folder = blip2_folders["opt"]
+    before = params_of(folder)
+    plain = finetune(_json_run(tmp_path, folder, "plain", freeze_vision=True))
+    n_plain = len(calls)
+    ckpt = finetune(_json_run(tmp_path, folder, "ckpt", freeze_vision=True, grad_checkpointing=True))
+    assert n_plain == 2 * 2 and len(calls) - n_plain == 2 * n_plain  # 2 steps x 2 layers, recomputed in backward
+    after, after_ckpt = params_of(plain["model"]), params_of(ckpt["model"])
+    for k in before:
+        if k.startswith(("language_model.", "vision_model.")):
+            assert torch.equal(before[k], after[k]), k  # frozen (LLM by default, ViT by freeze_vision)
+    assert not torch.equal(before["query_tokens"], after["query_tokens"])  # the Q-Former side learns
+    for k in before:
+        torch.testing.assert_close(after[k], after_ckpt[k], rtol=1e-5, atol=1e-6)
+
+
+def test_output_folder_of_another_run_and_foreign_checkpoint_are_refused(tmp_path, blip2_folders):
+    model, _ = tiny.build("tiny-blip")
+    blip = tmp_path / "blip"
+    model.save_pretrained(blip)
+    tiny.processor("shapes-bert").save_pretrained(blip)
+    first = finetune(_json_run(tmp_path, blip, "run"))
+    assert first["steps"] == 2 and not first["stopped"]
+    with pytest.raises(UserError, match=r"holds another run \(lr=0.001 there, 0.002 now\)"):
+        finetune(_json_run(tmp_path, blip, "run", lr=2e-3))
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and holds no training run"):
+        finetune(_json_run(tmp_path, blip, "run", output_dir=str(tmp_path / "stuff")))
+    with pytest.raises(UserError, match="does not match model .* written for"):
+        finetune(_json_run(tmp_path, blip2_folders["opt"], "other", resume_from=str(tmp_path / "run")))
+    with pytest.raises(UserError, match="no checkpoint at"):
+        finetune(_json_run(tmp_path, blip, "other2", resume_from=str(tmp_path / "nowhere")))
+
+
+def test_finished_run_is_reused_not_retrained(tmp_path):
+    cfg = _json_run(tmp_path, tiny.build("tiny-blip", save_to=tmp_path / "m"), "done", max_steps=1)
+    first = finetune(cfg)
+    stamp = (tmp_path / "done" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert finetune(cfg) == first
+    assert (tmp_path / "done" / "model" / "model.safetensors").stat().st_mtime_ns == stamp
+    recs = [json.loads(line) for line in (tmp_path / "done" / "log.jsonl").read_text().splitlines()]
+    assert recs[0]["event"] == "start" and recs[0]["process_group"] is False and recs[0]["world_size"] == 1
+    assert [r["step"] for r in recs if "loss" in r] == [1]
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    checkpoint.save(tmp_path, 1, {"model": "m"}, model, {"optimizer": opt}, True)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def torn(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path, 2, {"model": "m"}, model, {"optimizer": opt}, True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_unreadable_checkpoint_is_a_user_error(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read checkpoint"):
+        checkpoint.resume(tmp_path / "checkpoint.pt", {}, torch.nn.Linear(1, 1), {}, 0, 1)
+
+
+# ---- your own data: JSON list and Sherlock ---------------------------------------------------------------------
+def sherlock_root(tmp_path: Path) -> Path:
+    """The Sherlock fixture with an image written at every path its URLs map to (VCR and Visual Genome)."""
+    root = tmp_path / "sherlock"
+    shutil.copytree(FIXTURES / "sherlock", root)
+    for r in readers.read_sherlock(root / "sherlock_dataset/sherlock_train_v1_1.json", root):
+        r["image"].parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (160, 120), (40, 90, 200)).save(r["image"])
+    return root
+
+
+def test_sherlock_reader_maps_urls_and_boxes(tmp_path):
+    root = sherlock_root(tmp_path)
+    recs = readers.read_sherlock(root / "sherlock_dataset/sherlock_train_v1_1.json", root)
+    assert len(recs) == 4
+    assert recs[0]["image"] == root / "vcr1images/movieclips_Neruda/iQrYqaPeMlc@17.jpg"
+    assert recs[1]["image"] == root / "vg/images/VG_100K/2345.jpg"
+    assert recs[0]["boxes"] == [(13, 30, 100, 40), (12, 4, 50, 20)]
+    assert (recs[0]["clue"], recs[0]["inference"]) == ("snow on the ground and in the trees", "it recently snowed.")
+    im = readers.highlight_regions(Image.new("RGB", (160, 120), (40, 90, 200)), [(10, 10, 50, 40)])
+    assert im.getpixel((30, 30)) != (40, 90, 200) and im.getpixel((100, 100)) == (40, 90, 200)
+    assert im.getpixel((10, 30))[1] > 200  # green outline
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"inputs": {"clue": "x"}}]))
+    with pytest.raises(UserError, match="record 0 is not in the Sherlock format"):
+        readers.read_sherlock(bad, root)
+
+
+def test_sherlock_blip2_opt_recipe_trains(tmp_path, blip2_folders):
+    """The seed's recipe in miniature: BLIP-2 OPT, frozen ViT, gradient checkpointing, accumulation; the clue is
+    the prompt (not trained on), the inference the target."""
+    root = sherlock_root(tmp_path)
+    cfg = TrainConfig(task="captioning", model=str(blip2_folders["opt"]), dataset="sherlock",
+                      ann_file=str(root / "sherlock_dataset/sherlock_train_v1_1.json"), image_root=str(root),
+                      max_steps=2, batch_size=1, grad_accum=2, freeze_vision=True, grad_checkpointing=True,
+                      lr=1e-3, log_every=1, output_dir=str(tmp_path / "out"), num_threads=1)
+    result = finetune(cfg)
+    assert result["steps"] == 2 and math.isfinite(result["final_loss"])
+    from blip_repro import zoo
+
+    _, proc = zoo.load_model(result["model"], device="cpu")
+    ex = captioning.train_examples(cfg, proc)
+    assert ex[0]["prompt"] == "clue: snow on the ground and in the trees. inference:"
+    batch = captioning.train_batch_for(proc, ex[1:2], cfg, "blip2-opt")
+    tok = proc.tokenizer
+    targets = batch["labels"][0][batch["labels"][0] != -100].tolist()
+    inference = captioning.readers_pre_caption(ex[1]["caption"], 50)
+    assert targets == tok(inference, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(batch["input_ids"][0]) == 4 + len(tok(ex[1]["prompt"])["input_ids"]) + len(targets)
+
+
+def test_example_json_list_is_a_valid_training_file(tmp_path):
+    path = captioning.example_json_list(tmp_path / "mine.json", limit=5)
+    recs = readers.read_caption_train(path, "/nonexistent-root")  # absolute image paths ignore the root
+    assert len(recs) == 5 and all(Path(r["image"]).exists() for r in recs)
+
+
+# ---- data loading workers and mixed precision ------------------------------------------------------------------
+def test_dataloader_workers_give_the_same_training(tmp_path):
+    folder = tiny.build("tiny-blip", save_to=tmp_path / "m")
+    a = finetune(_json_run(tmp_path, folder, "w0", max_steps=2))
+    b = finetune(_json_run(tmp_path, folder, "w2", max_steps=2, num_workers=2))
+    pa, pb = params_of(a["model"]), params_of(b["model"])
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_train_on_cpu(tmp_path, precision):
+    folder = tiny.build("tiny-blip", save_to=tmp_path / "m")
+    result = finetune(_json_run(tmp_path, folder, precision, max_steps=2, precision=precision))
+    recs = [json.loads(line) for line in Path(result["log"]).read_text().splitlines()]
+    assert recs[0]["precision"] == f"torch.{ {'bf16': 'bfloat16', 'fp16': 'float16'}[precision]}"
+    assert math.isfinite(result["final_loss"])
+    assert params_of(result["model"])["text_decoder.cls.predictions.bias"].dtype == torch.float32  # fp32 master weights
