@@ -50,12 +50,38 @@ PAPER: dict[tuple[str, str, str], dict] = {
     ("okvqa", "blip23-flant5xl-questions-0shot", "okvqa"): {"vqa_acc": 38.72},
     ("okvqa", "blip23-flant5xl-noun-3shot", "okvqa"): {"vqa_acc": 40.62},
 }
+# Retrieval recalls in percent (protocols.md §1.3, §2.6). BLIP Table 5: fine-tuned on COCO / on Flickr30k; Table 6:
+# zero-shot Flickr30k with the COCO model ("-zs" rows); BLIP-2 Table 5: COCO fine-tuned, Flickr30k zero-shot with
+# that COCO model. r_mean = ((TR@1+TR@5+TR@10)/3 + (IR@1+IR@5+IR@10)/3)/2 is derived here, the papers do not print it.
+PAPER.update({("retrieval", row, dataset): dict(zip(("tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "r_mean"),
+                                                    (*r, round((sum(r[:3]) + sum(r[3:])) / 6, 2))))
+              for (row, dataset), r in {
+    ("blip-14m", "coco"): (80.6, 95.2, 97.6, 63.1, 85.3, 91.1),
+    ("blip-129m", "coco"): (81.9, 95.4, 97.8, 64.3, 85.7, 91.5),
+    ("blip-capfilt-l", "coco"): (81.2, 95.7, 97.9, 64.1, 85.8, 91.6),
+    ("blip-vit-l", "coco"): (82.4, 95.4, 97.9, 65.1, 86.3, 91.8),
+    ("blip-14m", "flickr30k"): (96.6, 99.8, 100.0, 87.2, 97.5, 98.8),
+    ("blip-129m", "flickr30k"): (97.3, 99.9, 100.0, 87.3, 97.6, 98.9),
+    ("blip-capfilt-l", "flickr30k"): (97.2, 99.9, 100.0, 87.5, 97.7, 98.9),
+    ("blip-vit-l", "flickr30k"): (97.4, 99.8, 99.9, 87.6, 97.7, 99.0),
+    ("blip-14m-zs", "flickr30k"): (94.8, 99.7, 100.0, 84.9, 96.7, 98.3),
+    ("blip-129m-zs", "flickr30k"): (96.0, 99.9, 100.0, 85.0, 96.8, 98.6),
+    ("blip-capfilt-l-zs", "flickr30k"): (96.0, 99.9, 100.0, 85.5, 96.8, 98.7),
+    ("blip-vit-l-zs", "flickr30k"): (96.7, 100.0, 100.0, 86.7, 97.3, 98.7),
+    ("blip2-vitl", "coco"): (83.5, 96.0, 98.0, 66.3, 86.5, 91.8),
+    ("blip2-vitg", "coco"): (85.4, 97.0, 98.5, 68.3, 87.7, 92.6),
+    ("blip2-vitl", "flickr30k"): (96.9, 100.0, 100.0, 88.6, 97.6, 98.9),
+    ("blip2-vitg", "flickr30k"): (97.6, 100.0, 100.0, 89.7, 98.1, 98.9),
+}.items()})
 SOURCES = {"captioning": "BLIP Table 7, BLIP-2 Table 3 (shared/reference/protocols.md §1.4, §2.4)",
            "vqav2": "BLIP-2 Table 2 (val, test-dev), BLIP Table 8 (test-dev, test-std) (protocols.md §2.3, §1.5)",
            "okvqa": "BLIP-2 Table 2, OK-VQA test (shared/reference/protocols.md §2.3)",
            "gqa": "BLIP-2 Table 2, GQA test-dev (shared/reference/protocols.md §2.3)",
-           "okvqa-llm": "BLIP-2.3 blog post §8.1, EricLangezaal/Blip2-GPT3-Fusion (shared/reference/protocols.md §6)"}
-TOLERANCE = {"bleu4": 1.0, "cider": 2.0, "spice": 0.5, "vqa_acc": 1.0, "gqa_acc": 1.0, "r_mean": 1.0}
+           "okvqa-llm": "BLIP-2.3 blog post §8.1, EricLangezaal/Blip2-GPT3-Fusion (shared/reference/protocols.md §6)",
+           "retrieval": "BLIP Tables 5-6, BLIP-2 Table 5 (shared/reference/protocols.md §1.3, §2.6); the pre-trained "
+                        "itm-vit-g has no paper row (BLIP-2 reports only the COCO-finetuned model)"}
+TOLERANCE = {"bleu4": 1.0, "cider": 2.0, "spice": 0.5, "vqa_acc": 1.0, "gqa_acc": 1.0, "r_mean": 1.0,
+             **{f"{d}_r{k}": 1.0 for d in ("tr", "ir") for k in (1, 5, 10)}}
 SCALE = {"bleu1": 100, "bleu2": 100, "bleu3": 100, "bleu4": 100, "meteor": 100, "rouge_l": 100, "cider": 100,
          "spice": 100, "control_wrong_image_cider": 100, "control_wrong_image_bleu4": 100}
 
@@ -69,6 +95,10 @@ SHAPES_CHECKS = {
     "vqav2": [("vqa_acc", 50.0, "VQA accuracy >= 50 (majority-per-question-type control about 33-40)"),
               ("vqa_acc_minus_control", 10.0, "VQA accuracy - majority control >= 10")],
     "gqa": [("gqa_acc_minus_control", 5.0, "GQA accuracy - majority control >= 5")],
+    # retrieval: chance (random ranking) r_mean is 2.7 on shapes' 200 images x 1,000 captions; 28 % of the captions
+    # also describe another image word for word, which caps R@1 (tasks/retrieval.py score)
+    "retrieval": [("r_mean", 25.0, "r_mean >= 25 (chance 2.7)"),
+                  ("ir_r10", 30.0, "IR@10 >= 30 (chance 5)")],
 }
 
 
@@ -283,6 +313,39 @@ def vqa_figure(notebook: str, runs: list[dict], metric: str, title: str, field: 
     ax2.set_ylim(0, 100)
     ax2.set_title(field.replace("_", " "), fontsize=9)
     ax2.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def recall_figure(runs: list[dict], title: str):
+    """Recall against K (1, 5, 10) for text retrieval (TR) and image retrieval (IR): one line per run, the paper's
+    points as crosses in the same colour, and the chance level of the run's split dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = (1, 5, 10)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, d, name in ((axes[0], "tr", "text retrieval (image -> caption)"),
+                        (axes[1], "ir", "image retrieval (caption -> image)")):
+        for n, r in enumerate(runs):
+            color, m = f"C{n}", r["metrics"]
+            label = f"{r['config']['model']} / {r['config']['dataset']}"
+            ax.plot(ks, [m.get(f"{d}_r{k}") for k in ks], "o-", color=color, label=label)
+            paper = [row["paper"] for row in rows_for("retrieval", [r], [f"{d}_r{k}" for k in ks])]
+            if any(p is not None for p in paper):
+                ax.plot(ks, paper, "x", ms=9, mew=2, color=color, label=f"{label}: paper")
+            if d == "ir" and m.get("n_images"):
+                ax.plot(ks, [100 * min(k, m["n_images"]) / m["n_images"] for k in ks], ":", color=color, lw=1,
+                        label=f"{label}: chance")
+        ax.set_xticks(ks)
+        ax.set_xlabel("K")
+        ax.set_title(name, fontsize=10)
+        ax.set_ylim(0, 101)
+    axes[0].set_ylabel("recall@K (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

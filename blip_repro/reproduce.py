@@ -163,8 +163,10 @@ def run_slurm(exps: list[Experiment]) -> dict[str, str]:
     for e in exps:
         env = {**os.environ, "NOTEBOOK": str(e.notebook.relative_to(e.root)),
                "PARAMS": str(e.params.relative_to(e.root)), "OUTPUT": str(e.executed)}
-        proc = subprocess.run(["sbatch", "--parsable", f"--job-name=blip-{e.stem}", "jobs/run_eval.job"],
-                              cwd=e.root, env=env, capture_output=True, text=True)
+        e.executed.parent.mkdir(parents=True, exist_ok=True)
+        log = e.executed.with_name(f"{e.stem}-%j.out")  # beside the executed notebook, not in the checkout
+        proc = subprocess.run(["sbatch", "--parsable", f"--job-name=blip-{e.stem}", f"--output={log}",
+                               "jobs/run_eval.job"], cwd=e.root, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             errors[e.stem] = f"sbatch failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
             print(f"{e.stem}: {errors[e.stem]}", file=sys.stderr)
@@ -172,8 +174,8 @@ def run_slurm(exps: list[Experiment]) -> dict[str, str]:
         ids[e.stem] = proc.stdout.strip().split(";")[0]
         print(f"submitted {e.stem}: job {ids[e.stem]}", file=sys.stderr, flush=True)
     if ids:
-        print(f"waiting for jobs {','.join(ids.values())} (logs: blip-<name>-<job id>.out); Ctrl-C stops waiting, "
-              f"the jobs go on; then `blip-repro report --suite ...`", file=sys.stderr, flush=True)
+        print(f"waiting for jobs {','.join(ids.values())} (logs: {exps[0].executed.parent}/<name>-<job id>.out); "
+              f"Ctrl-C stops waiting, the jobs go on; then `blip-repro report --suite ...`", file=sys.stderr, flush=True)
         wait_for_jobs(list(ids.values()))
     for e in exps:
         if e.stem in ids:

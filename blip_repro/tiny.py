@@ -34,22 +34,26 @@ TINY = {
     "tiny-blip2-itm": ("shapes-bert", dict(task="retrieval", dataset="shapes", max_steps=1500, batch_size=32,
                                            lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05,
                                            schedule="cosine", grad_clip=1.0, seed=0, num_threads=2)),
-    "tiny-okvqa-lm": ("shapes-lm", dict(task="okvqa_llm", dataset="shapes", max_steps=1200, batch_size=32, lr=2e-3,
-                                        warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.01, schedule="cosine",
-                                        grad_clip=1.0, seed=0, label_smoothing=0.0, num_threads=2)),
+    # batch_size 1 = one group of 32 prompts of one kind (tasks/okvqa_llm_train.py GROUP)
+    "tiny-okvqa-lm": ("shapes-lm", dict(task="okvqa_llm", dataset="shapes", max_steps=800, batch_size=1, lr=2e-3,
+                                        warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.01, schedule="cosine",
+                                        grad_clip=1.0, seed=0, label_smoothing=0.0, decay_1d=False,
+                                        num_threads=1)),
     # VQA (tasks/vqa_train.py): BLIP-2 with tiny-blip's ViT frozen (shapes.md §4 run F), trained on the shapes VQAv2 +
     # GQA training splits; BLIP VQA initialised from tiny-blip with BLIP's answer-weighted, label-smoothed loss.
+    # One thread: these small matrices gain little from two, and two threads spin against each other when the
+    # machine is shared (measured 6x slower wall time at load 12).
     "tiny-blip2-opt": ("shapes-opt", dict(task="vqa", dataset="shapes", max_steps=1200, batch_size=64, lr=1e-3,
                                           warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
                                           grad_clip=1.0, seed=0, label_smoothing=0.0, freeze_vision=True,
-                                          freeze_llm=False, num_threads=2)),
+                                          freeze_llm=False, num_threads=1)),
     "tiny-blip2-t5": ("shapes-t5", dict(task="vqa", dataset="shapes", max_steps=1200, batch_size=64, lr=1e-3,
                                         warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
                                         grad_clip=1.0, seed=0, label_smoothing=0.0, freeze_vision=True,
-                                        freeze_llm=False, num_threads=2)),
+                                        freeze_llm=False, num_threads=1)),
     "tiny-blip-vqa": ("shapes-bert", dict(task="vqa", dataset="shapes-vqav2", max_steps=800, batch_size=32, lr=5e-4,
                                           warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
-                                          grad_clip=1.0, seed=0, label_smoothing=0.1, num_threads=2)),
+                                          grad_clip=1.0, seed=0, label_smoothing=0.1, num_threads=1)),
 }
 # Tiny models built from another one's trained weights: its recipe is part of theirs (recipe_hash).
 STARTS_FROM = {"tiny-blip2-opt": "tiny-blip", "tiny-blip2-t5": "tiny-blip", "tiny-blip-vqa": "tiny-blip"}
@@ -128,7 +132,7 @@ def build(name: str, save_to: Path | None = None, seed: int = 0):
 
         from blip_repro.tasks.okvqa_llm_train import MAX_TOKENS
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=MAX_TOKENS, n_embd=128, n_layer=2,
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=MAX_TOKENS, n_embd=64, n_layer=2,
                                            n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                            pad_token_id=tok.pad_token_id))

@@ -81,10 +81,10 @@ MODELS: dict[str, ModelSpec] = {
     # --- retrieval (BLIP Tables 5-6, BLIP-2 Table 5)
     "blip-base-itm-coco": _hub("blip-base-itm-coco", "blip-itm", "BlipForImageTextRetrieval", "retrieval",
                                "Salesforce/blip-itm-base-coco", "7eaa90c11850c0b17fc38c6a11e7d88bd6ac231f", 384,
-                               dtype="float32", rows=["blip-129m"]),
+                               dtype="float32", rows=["blip-129m-zs", "blip-129m"]),  # -zs: Flickr (Table 6)
     "blip-large-itm-coco": _hub("blip-large-itm-coco", "blip-itm", "BlipForImageTextRetrieval", "retrieval",
                                 "Salesforce/blip-itm-large-coco", "fef05cafc05298067cbbca00b125749394a77a6f", 384,
-                                dtype="float32", rows=["blip-vit-l"]),
+                                dtype="float32", rows=["blip-vit-l-zs", "blip-vit-l"]),  # -zs: Flickr (Table 6)
     "blip-base-itm-flickr": _hub("blip-base-itm-flickr", "blip-itm", "BlipForImageTextRetrieval", "retrieval",
                                  "Salesforce/blip-itm-base-flickr", "1de29e660d91ae1786c1876212ea805a22eab251", 384,
                                  dtype="float32", rows=["blip-129m"]),
@@ -92,7 +92,7 @@ MODELS: dict[str, ModelSpec] = {
                                   "Salesforce/blip-itm-large-flickr", "bda12e6506758f54261b5ab174b2c55a3ba143fb", 384,
                                   dtype="float32", rows=["blip-vit-l"]),
     "itm-vit-g": _hub("itm-vit-g", "blip2-itm", "Blip2ForImageTextRetrieval", "retrieval", "Salesforce/blip2-itm-vit-g",
-                      "520bf73fd0ef6ccce791cd3f06908040aef2d8cc", 224, rows=["blip2-vitg"],
+                      "520bf73fd0ef6ccce791cd3f06908040aef2d8cc", 224, rows=["blip2-vitg-pretrained"],
                       note="pre-trained stage-1 model; whether this revision carries the config update is unverified"),
     "itm-vit-g-coco": _hub("itm-vit-g-coco", "blip2-itm", "Blip2ForImageTextRetrieval", "retrieval",
                            "Salesforce/blip2-itm-vit-g-coco", "bb5d9ef62af326a89ab0219c3c6bd75638745257", 364,
@@ -108,6 +108,9 @@ MODELS: dict[str, ModelSpec] = {
                            "BLIP VQA initialised from tiny-blip, fine-tuned on shapes VQAv2 (tasks/vqa_train.py)"),
     "tiny-blip-itm": _tiny("tiny-blip-itm", "blip-itm", "BlipForImageTextRetrieval", "retrieval",
                            "BLIP ITC/ITM retrieval model of config B size, trained on the shapes captions"),
+    "tiny-okvqa-lm": _tiny("tiny-okvqa-lm", "lm", "GPT2LMHeadModel", "okvqa_llm",
+                           "the LLM of the OK-VQA + LLM pipeline on shapes (llm=local:tiny-okvqa-lm): GPT-2, 2 layers, "
+                           "64 wide, trained on the shapes facts in the pipeline's prompts (tasks/okvqa_llm_train.py)"),
     "tiny-blip2-itm": _tiny("tiny-blip2-itm", "blip2-itm", "Blip2ForImageTextRetrieval", "retrieval",
                             "BLIP-2 stage-1 (Q-Former ITC/ITM) model, 8 queries, trained on the shapes captions"),
 }

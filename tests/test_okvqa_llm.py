@@ -204,3 +204,35 @@ def test_variants_shots_and_run_ids():
     assert [paper_row(c.to_dict()) for c in configs] == ["blip23-flant5xl-caption-3shot",
                                                          "blip23-flant5xl-caption-0shot",
                                                          "blip23-flant5xl-questions-0shot"]
+
+
+def test_tiny_lm_trains_on_prompts_exactly_as_the_local_backend_renders_them():
+    import random
+    from types import SimpleNamespace
+
+    import torch
+
+    from blip_repro import tiny
+    from blip_repro.llm import LocalBackend, render_plain
+    from blip_repro.tasks import okvqa_llm_train as T
+
+    tok = tiny.processor("shapes-lm")
+    backend = LocalBackend("unused", "chat")
+    backend.tokenizer = tok
+    captions, okvqa, facts = T._read_train()
+    encode, rng = T._Encoder(tok), random.Random(0)
+    for kind in T.KINDS:
+        for q in okvqa[:10]:
+            messages, answer = T._example(kind, q, captions[q["image_id"]], facts, rng)
+            prompt, templated = backend.render(messages)
+            assert not templated and prompt == render_plain(messages)
+            assert encode.messages(messages) == tok(prompt).input_ids
+            assert tok.unk_token_id not in tok(prompt + " " + answer).input_ids
+    groups = T.train_examples(SimpleNamespace(dataset="shapes", seed=0, limit=60), tok)
+    assert groups and all(len(g["prompt_ids"]) == T.GROUP for g in groups)
+    batch = T.train_batch_for(tok, groups[:1], None, "lm")
+    answers = [a for a in groups[0]["answer_ids"]]
+    assert [row[row != -100].tolist() for row in batch["labels"]] == answers  # the answer and </s>, nothing else
+    model, _ = tiny.build("tiny-okvqa-lm")
+    assert type(model).__name__ == "GPT2LMHeadModel" and sum(p.numel() for p in model.parameters()) < 200_000
+    assert torch.isfinite(T.train_loss(model, batch, None))

@@ -10,32 +10,24 @@ Variants (the published rows; prompts in okvqa_llm_prompts.py):
              penalty 1.5), the LLM answers the main question from them (zero-shot, as published).
 
 The pipeline runs on injected callables (`Vision`), so it is tested without a model; `predict_records` builds them
-from a loaded BLIP-2 through tasks/vqa.py and tasks/captioning.py. Every LLM answer is cached in
+from a loaded BLIP-2 (okvqa_llm_vision.py). Every LLM answer is cached in
 `<run dir>/llm_cache.sqlite` (or `llm_cache`): copying that file next to a fresh checkout replays the run offline.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlsplit
-
-import torch
 
 from blip_repro.errors import UserError
 from blip_repro.tasks import okvqa_llm_prompts as P
-from blip_repro.tasks.captioning import CaptionProtocol
 from blip_repro.tasks.okvqa_llm_train import train_batch_for, train_examples, train_loss  # noqa: F401
+from blip_repro.tasks.okvqa_llm_vision import ASK, CAPTION, Vision, vision_for  # noqa: F401
 
 # variant -> published number of in-context examples (protocols.md §6 table)
 VARIANTS = {"caption": 3, "noun": 3, "questions": 0}
-# flan_t5_gpt3_caption.py: the caption that becomes the LLM's context (T5 min_length 1 = at least one new token)
-CAPTION = CaptionProtocol("a photo of", 5, 20, 1, 2.0, 1.5, False, 224,
-                          "Blip2-GPT3-Fusion flan_t5_gpt3_caption.py (protocols.md §6)")
-# flan_t5_gpt3_questions.py: BLIP-2 answering the LLM's questions with "Question: {} Short answer:"
-ASK = dict(num_beams=5, max_new_tokens=15, min_length=1, repetition_penalty=1.5, length_penalty=1.0)
 DEVIATIONS = {
     "empty": "an empty LLM reply, or one that the clean-up empties, falls back to BLIP-2's answer; the published "
              "code scored the empty string (it never happened there: the API does not return empty answers)",
@@ -44,14 +36,6 @@ DEVIATIONS = {
 }
 USAGE_KEYS = ("requests", "cache_hits", "prompt_tokens", "completion_tokens", "retries")
 _KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{6,}")
-
-
-@dataclass(frozen=True)
-class Vision:
-    """The BLIP-2 side, as batched callables over PIL images."""
-    answer: Callable[[list, list[str]], list[str]]  # BLIP-2's zero-shot VQA answers (paper protocol, lemmatized)
-    describe: Callable[[list, list[str]], list[str]]  # the continuation of one prompt per image (CAPTION settings)
-    ask: Callable[[list, list[str]], list[str]]  # answers to the LLM's questions (ASK settings)
 
 
 def _lm_call(llm, messages: list[dict], params: dict, usage: Counter, seed: int) -> str:
@@ -119,74 +103,6 @@ def _ask_questions(items, vision, llm, blip, usage, seed, out) -> list[str]:
         raws.append(_lm_call(llm, P.summary_messages(it["question"], b, qs, ans), P.SUMMARY_PARAMS, u, seed))
         rec.update(asked=qs, asked_answers=ans)
     return raws
-
-
-# --- BLIP-2 as the pipeline uses it -------------------------------------------------------------------------------
-@torch.no_grad()
-def generate(model, processor, images: list, texts: list[str], family: str, settings: dict) -> list[str]:
-    """BLIP-2 continuations of one text per image, batched (padding as tasks/vqa.py: OPT left, T5 right)."""
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    tok = processor.tokenizer
-    side, tok.padding_side = tok.padding_side, "left" if family == "blip2-opt" else "right"
-    try:
-        inputs = processor(images=images, text=texts, return_tensors="pt", padding="longest")
-    finally:
-        tok.padding_side = side
-    input_ids = inputs["input_ids"].to(device)
-    out = model.generate(pixel_values=inputs["pixel_values"].to(device, dtype), input_ids=input_ids,
-                         attention_mask=inputs["attention_mask"].to(device), do_sample=False, **settings)
-    if family == "blip2-opt":
-        out = out[:, input_ids.shape[1]:]  # OPT returns the prompt (and the image tokens) first
-    return [t.strip() for t in processor.batch_decode(out, skip_special_tokens=True)]
-
-
-def vision_for(model, processor, cfg, family: str) -> Vision:
-    """Vision callables from the run's BLIP-2 (and the captioner, `caption_model`, when another model writes the
-    context)."""
-    from blip_repro.tasks import captioning, vqa
-
-    if not family.startswith("blip2"):
-        raise UserError(f"task okvqa_llm needs a BLIP-2 model (family blip2-t5 or blip2-opt), not {family!r}")
-    protocol = vqa.protocol_of(cfg, family)
-    cap_model, cap_proc, cap_family = _captioner(cfg, model, processor, family)
-    caption = {"num_beams": CAPTION.num_beams, "max_new_tokens": CAPTION.max_length, "min_length": CAPTION.min_length,
-               "repetition_penalty": CAPTION.repetition_penalty, "length_penalty": CAPTION.length_penalty}
-
-    def describe(images, prompts):
-        if cap_family.startswith("blip2"):
-            return generate(cap_model, cap_proc, images, prompts, cap_family, caption)
-        own = captioning.protocol_for(cap_family, "coco")  # a BLIP captioner keeps its own protocol and prompt
-        out = {}
-        for p in dict.fromkeys(prompts):
-            idx = [i for i, q in enumerate(prompts) if q == p]
-            prompt = own.prompt if p == CAPTION.prompt else p + " "
-            got = captioning.predict(cap_model, cap_proc, [images[i] for i in idx], replace(own, prompt=prompt),
-                                     cap_family)
-            out.update(zip(idx, got))
-        return [out[i] for i in range(len(prompts))]
-
-    def ask(images, questions):
-        texts = [PROMPT_QA.format(q) for q in questions]
-        return generate(model, processor, images, texts, family, ASK)
-
-    return Vision(lambda images, questions: vqa.answer_blip2(model, processor, images, questions, protocol, family),
-                  describe, ask)
-
-
-PROMPT_QA = "Question: {} Short answer:"  # gpt_utils.prompt_question, for the LLM's questions as they come
-_CAPTIONERS: dict[tuple, tuple] = {}
-
-
-def _captioner(cfg, model, processor, family):
-    if not cfg.caption_model or cfg.caption_model == cfg.model:
-        return model, processor, family
-    key = (cfg.caption_model, cfg.device, cfg.dtype)
-    if key not in _CAPTIONERS:
-        from blip_repro import zoo
-
-        m, p = zoo.load_model(cfg.caption_model, cfg.device, cfg.dtype)
-        _CAPTIONERS[key] = (m, p, zoo.family_of(m))
-    return _CAPTIONERS[key]
 
 
 # --- the language model of a run ----------------------------------------------------------------------------------
@@ -293,8 +209,8 @@ def predict_records(model, processor, batch: list[dict], cfg, family: str) -> li
 
     variant, shots = check_config(cfg)
     # the LLM sees the question as BLIP-2 does: LAVIS's blip_question preprocessing (protocols.md §2.2)
-    items = [{"question_id": r[KEY], "image": readers.load_image(r["image"]), "question": vqa.pre_question(r["question"])}
-             for r in batch]
+    items = [{"question_id": r[KEY], "image": readers.load_image(r["image"]),
+              "question": vqa.pre_question(r["question"])} for r in batch]
     lemmatize = vqa.lemmatize if vqa.lemmatizes(cfg) else (lambda xs: xs)
     return predict(variant, shots, items, vision_for(model, processor, cfg, family), llm_for(cfg), lemmatize,
                    cfg.seed)
@@ -318,4 +234,4 @@ def score_run(recs: list[dict], preds: dict, cfg, family: str) -> dict:
     return {**out, "blip2_vqa_acc": blip2.get("vqa_acc"), "answer_source": dict(Counter(p["source"] for p in
                                                                                        preds.values())),
             "llm_usage": usage, "llm": cfg.llm, "llm_variant": variant, "shots": shots,
-            "caption_protocol": vars(CAPTION) if not cfg.caption_model else cfg.caption_model}
+            "caption_protocol": dataclasses.asdict(CAPTION) if not cfg.caption_model else cfg.caption_model}

@@ -107,3 +107,36 @@ def figure(table: list[dict], title: str):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+USAGE_COLUMNS = ("run", "requests", "cache_hits", "prompt_tokens", "completion_tokens", "retries", "estimated_cost_usd")
+# shapes: what the caption + LLM rows must reach (measured: see the report of issue 6 / README)
+SHAPES_MIN_GAIN = 20.0
+
+
+def checks(table: list[dict]) -> list[dict]:
+    """The shapes pass criteria: every caption-variant row clearly above BLIP-2 alone in the same run."""
+    out = []
+    for r in table:
+        if r["llm"] and r["variant"] == "caption":
+            out.append({"check": f"{r['model']} caption {r['shots']}-shot + LLM beats BLIP-2 alone by >= "
+                                 f"{SHAPES_MIN_GAIN:g} points", "value": r["gain"], "minimum": SHAPES_MIN_GAIN,
+                        "passed": r["gain"] is not None and r["gain"] >= SHAPES_MIN_GAIN})
+    return out
+
+
+def add_to_summary(table: list[dict], figures: list[str], usage_rows: list[dict], session: dict,
+                   shape_checks: list[dict]) -> None:
+    """Add the LLM rows to outputs/okvqa/summary.json (written by the notebook's BLIP-2 part) and table.md."""
+    import json
+
+    from blip_repro.fileio import atomic_write_json, atomic_write_text
+
+    folder = runs.outputs_root() / "okvqa"
+    path = folder / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {"notebook": "okvqa"}
+    summary["figures"] = [f for f in summary.get("figures", []) if f not in figures] + figures
+    summary.update(llm_rows=table, llm_usage=usage_rows, llm_session=session, llm_checks=shape_checks)
+    atomic_write_json(path, summary)
+    text = report.markdown(summary.get("rows", [])) if summary.get("rows") else ""
+    atomic_write_text(folder / "table.md", text + ("\n" + report.markdown(table, COLUMNS) if table else ""))

@@ -52,6 +52,9 @@ PAPER_LENGTH_PENALTY = -1.0
 LEMMATIZE_BY_DEFAULT = {"vqav2": False, "okvqa": True, "gqa": False}
 # Known deviations from the code behind the published numbers, shown under the table (report.deviation_notes).
 DEVIATIONS = {
+    "blip2-opt": "the paper (§4.1) states the prompt 'Question: {} Answer:' and length penalty -1 for OPT; the "
+                 "released LAVIS OPT code, written after the paper, uses 'Question: {} Short answer:' and 0, the "
+                 "default here (protocols.md §2.2). prompt= and length_penalty= run the paper's.",
     "blip-vqa": "generate mode only (the paper ranks answers): transformers >= 4.16 normalises a beam that stops at "
                 "max_length by its generated length, BLIP (4.15) by the length counting [DEC] (protocols.md §4.3 "
                 "item 3); answers that end with [SEP] score the same in both.",
@@ -168,26 +171,23 @@ def records(cfg) -> list[dict]:
     return read(cfg.dataset, cfg.split, cfg.limit)
 
 
-def _family(cfg) -> str | None:
+def uses_answer_list(cfg) -> bool:
+    """A BLIP VQA zoo model ranking answers (a local folder's family is known only once it is loaded)."""
     spec = zoo.MODELS.get(cfg.model)
-    return spec.family if spec else None
+    inference = cfg.inference or PROTOCOLS["blip-vqa"].inference
+    return spec is not None and spec.family == "blip-vqa" and inference == "rank"
 
 
-def uses_answer_list(cfg, family: str | None = None) -> bool:
-    family = family or _family(cfg)
-    return family == "blip-vqa" and (cfg.inference or PROTOCOLS["blip-vqa"].inference) == "rank"
-
-
-def answer_list_path(cfg):
+def answer_list_path(dataset: str):
     """BLIP ranks the VQAv2 answer list (protocols.md §1.5), which sits beside the VQAv2 files of the same root."""
-    questions, _, _ = readers.vqa_paths("shapes-vqav2" if cfg.dataset.startswith("shapes-") else "vqav2", "val")
+    questions, _, _ = readers.vqa_paths("shapes-vqav2" if dataset.startswith("shapes-") else "vqav2", "val")
     return questions.parent / "answer_list.json"
 
 
 def required_files(cfg) -> list:
     questions, annotations, _ = readers.vqa_paths(cfg.dataset, cfg.split)
     files = [questions] + ([annotations] if annotations else [])
-    return files + ([answer_list_path(cfg)] if uses_answer_list(cfg) else [])
+    return files + ([answer_list_path(cfg.dataset)] if uses_answer_list(cfg) else [])
 
 
 def _overrides(cfg) -> dict:
@@ -210,7 +210,7 @@ def predict_records(model, processor, batch: list[dict], cfg, family: str) -> li
     images = [readers.load_image(r["image"]) for r in batch]
     questions = [r["question"] for r in batch]
     if family == "blip-vqa":
-        answer_list = readers.read_answer_list(answer_list_path(cfg)) if p.inference == "rank" else None
+        answer_list = readers.read_answer_list(answer_list_path(cfg.dataset)) if p.inference == "rank" else None
         raw = vqa_blip.answer(model, processor, images, questions, p, answer_list)
     else:
         raw = answer_blip2(model, processor, images, questions, p, family)

@@ -20,7 +20,7 @@ from blip_repro.errors import UserError
 
 QUESTION_MAX_TOKENS = 35  # blip_vqa.py: tokenizer(question, padding='longest', truncation=True, max_length=35)
 LABEL_SMOOTHING = 0.1  # models/med.py's LM loss, also when ranking (protocols.md §1.1, §1.5)
-RANK_CHUNK = 4096  # candidate sequences scored per decoder call (memory bound; scores are per row, so exact)
+RANK_CHUNK = 1024  # candidate sequences per decoder call: bounds the logits memory (rows are independent: exact)
 
 
 def enc_token_id(tokenizer) -> int:

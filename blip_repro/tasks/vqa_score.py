@@ -11,9 +11,9 @@ from blip_repro.data import readers
 from blip_repro.errors import UserError
 from blip_repro.fileio import atomic_write_json
 
-SERVER = ("the VQA challenge on EvalAI (https://eval.ai/web/challenges/challenge-page/830, linked from "
+SERVER = ("the VQA Challenge evaluation server on EvalAI (https://eval.ai, linked from "
           "https://visualqa.org/challenge.html): phase test-dev for split test-dev; split test (all of test2015) "
-          "gives test-dev and test-std")
+          "gives test-dev and test-standard")
 
 
 def score(records: list[dict], answers: dict, dataset: str, evaluator: str = "vqa2017",

@@ -64,8 +64,9 @@ def build_tiny_blip2(name: str, tok, seed: int = 0):
     torch.manual_seed(seed)  # after tiny-blip's (possible) training, so the new weights depend on the seed only
     v = src.config.vision_config
     vision = dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                  num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-                  layer_norm_eps=v.layer_norm_eps, qkv_bias=True, initializer_range=0.02)
+                  num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                  image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps, qkv_bias=True,
+                  initializer_range=0.02)
     qformer = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
                    cross_attention_frequency=1, encoder_hidden_size=v.hidden_size, vocab_size=len(tok),
                    max_position_embeddings=64)
