@@ -263,17 +263,17 @@ def write_summary(notebook: str, suite: str, rows: list[dict], figures: list[str
 
 
 def breakdown(runs: list[dict], field: str, control: bool = True) -> list[dict]:
-    """One row per run with the accuracy of each type in metrics[field] (per_answer_type, per_question_type), and
-    the majority control's row beneath it where the run has one."""
-    out = []
+    """One row per run with the accuracy of each type in metrics[field] (per_answer_type, per_question_type), then
+    the majority control's row (the same for every run on a dataset split, so shown once)."""
+    out, controls = [], {}
     for r in runs:
         m = r["metrics"]
         if m.get(field):
             out.append({"model": r["config"]["model"], **m[field]})
         ctrl = (m.get("control_majority_by_type") or {}).get(field)
         if control and ctrl:
-            out.append({"model": f"{r['config']['model']} (majority control)", **ctrl})
-    return out
+            controls.setdefault((r["config"]["dataset"], r["config"]["split"]), ctrl)
+    return out + [{"model": f"majority control ({d} {s})", **c} for (d, s), c in controls.items()]
 
 
 def columns(rows: list[dict]) -> tuple:
@@ -309,6 +309,12 @@ def vqa_figure(notebook: str, runs: list[dict], metric: str, title: str, field: 
         per = r["metrics"].get(field) or {}
         ax2.bar([i + k * width for i in range(len(types))], [per.get(t, 0) for t in types], width,
                 label=r["config"]["model"])
+    ctrl_types = next(((r["metrics"].get("control_majority_by_type") or {}).get(field) for r in runs
+                       if (r["metrics"].get("control_majority_by_type") or {}).get(field)), None)
+    if ctrl_types:  # the blind control per type: bars near it are at chance
+        ax2.hlines([ctrl_types.get(t, 0) for t in types], [i - width / 2 for i in range(len(types))],
+                   [i + 0.8 - width / 2 for i in range(len(types))], colors="black", linestyles="--",
+                   label="majority control")
     ax2.set_xticks([i + 0.4 - width / 2 for i in range(len(types))], types, fontsize=7, rotation=20, ha="right")
     ax2.set_ylim(0, 100)
     ax2.set_title(field.replace("_", " "), fontsize=9)

@@ -29,6 +29,9 @@ from blip_repro.errors import UserError
 TABLES = ("retrieval", "captioning", "vqav2", "gqa", "okvqa", "finetune")
 SUITES = {"shapes": TABLES, "paper": TABLES}
 POLL_SECONDS = 10  # how often --slurm looks at the queue
+# Notebooks whose paper experiments are recipe files handed to one parameter: params/finetune/*.yaml are TrainConfig
+# recipes, not notebook parameters. The template for your own data and the shapes recipe are not paper runs.
+RECIPES = {"finetune": ("recipe", ("own_json", "shapes_json"))}
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Experiment:
     name: str  # notebook stem: notebooks/<name>.ipynb, outputs/<name>/
     params: Path
     stem: str  # <name>_<suite>[_<experiment>]: the executed notebook and its summary copy
+    recipe_parameter: str = ""  # set: `params` is a recipe, passed as this notebook parameter (RECIPES)
 
     @property
     def notebook(self) -> Path:
@@ -51,6 +55,13 @@ class Experiment:
     @property
     def summary_copy(self) -> Path:
         return self.executed.with_suffix(".summary.json")
+
+    def parameters(self) -> dict:
+        from blip_repro.runs import load_params
+
+        if self.recipe_parameter:
+            return {self.recipe_parameter: self.params.relative_to(self.root).as_posix(), "suite": "paper"}
+        return load_params(self.params)
 
 
 def checkout() -> Path:
@@ -76,7 +87,8 @@ def experiments(suite: str, only: list[str] | None = None, root: Path | None = N
             out += [Experiment(root, name, f, f"{name}_shapes") for f in files if f.exists()]
         else:
             files = sorted((root / "params" / name).glob("*.yaml")) if name != "shapes" else []
-            out += [Experiment(root, name, f, f"{name}_paper_{f.stem}") for f in files]
+            parameter, skip = RECIPES.get(name, ("", ()))
+            out += [Experiment(root, name, f, f"{name}_paper_{f.stem}", parameter) for f in files if f.stem not in skip]
     if only:
         valid = sorted({e.name for e in out})
         unknown = [n for n in only if n not in valid]
@@ -111,8 +123,6 @@ def run_local(exp: Experiment, i: int = 1, n: int = 1) -> str:
     """Execute one experiment with papermill, cell output streamed to this terminal; '' on success, else the error."""
     import papermill
 
-    from blip_repro.runs import load_params
-
     log = logging.getLogger("papermill")
     if not log.handlers:  # papermill's CLI configures this logger; here we must, or --log-output shows nothing
         handler = logging.StreamHandler(sys.stderr)
@@ -124,7 +134,7 @@ def run_local(exp: Experiment, i: int = 1, n: int = 1) -> str:
     t0 = time.time()
     exp.executed.parent.mkdir(parents=True, exist_ok=True)
     try:
-        papermill.execute_notebook(str(exp.notebook), str(exp.executed), parameters=load_params(exp.params),
+        papermill.execute_notebook(str(exp.notebook), str(exp.executed), parameters=exp.parameters(),
                                    kernel_name=kernel_name(), log_output=True, progress_bar=False, cwd=str(root))
     except Exception as e:  # noqa: BLE001 - any failure of one notebook is reported and the suite goes on
         error = _one_line(e)
@@ -159,10 +169,17 @@ def run_slurm(exps: list[Experiment]) -> dict[str, str]:
 
     if not shutil.which("sbatch"):
         raise UserError("--slurm: sbatch not found; run this on a Slurm login node, or leave out --slurm")
+    import yaml
+
+    from blip_repro.fileio import atomic_write_text
+
     errors, ids, t0 = {}, {}, time.time()
     for e in exps:
-        env = {**os.environ, "NOTEBOOK": str(e.notebook.relative_to(e.root)),
-               "PARAMS": str(e.params.relative_to(e.root)), "OUTPUT": str(e.executed)}
+        params = e.params.relative_to(e.root)
+        if e.recipe_parameter:  # the job takes a params file: write the notebook's parameters to one
+            params = atomic_write_text(e.executed.with_suffix(".params.yaml"), yaml.safe_dump(e.parameters()))
+        env = {**os.environ, "NOTEBOOK": str(e.notebook.relative_to(e.root)), "PARAMS": str(params),
+               "OUTPUT": str(e.executed)}
         e.executed.parent.mkdir(parents=True, exist_ok=True)
         log = e.executed.with_name(f"{e.stem}-%j.out")  # beside the executed notebook, not in the checkout
         proc = subprocess.run(["sbatch", "--parsable", f"--job-name=blip-{e.stem}", f"--output={log}",
@@ -175,13 +192,15 @@ def run_slurm(exps: list[Experiment]) -> dict[str, str]:
         print(f"submitted {e.stem}: job {ids[e.stem]}", file=sys.stderr, flush=True)
     if ids:
         print(f"waiting for jobs {','.join(ids.values())} (logs: {exps[0].executed.parent}/<name>-<job id>.out); "
-              f"Ctrl-C stops waiting, the jobs go on; then `blip-repro report --suite ...`", file=sys.stderr, flush=True)
+              "Ctrl-C stops waiting, the jobs go on; then `blip-repro report --suite ...`", file=sys.stderr,
+              flush=True)
         wait_for_jobs(list(ids.values()))
     for e in exps:
         if e.stem in ids:
             status, error = notebook_status(e.executed, since=t0)
             errors[e.stem] = "" if status == "ok" else (error or status)
-            if status == "ok":
+            copied = e.summary_copy.exists() and e.summary_copy.stat().st_mtime >= t0  # by the job itself
+            if status == "ok" and not copied:
                 _copy_summary(e, since=t0)
     return errors
 

@@ -26,15 +26,15 @@ TINY = {
     "tiny-blip": ("shapes-bert", dict(task="captioning", dataset="shapes", max_steps=3000, batch_size=32, lr=1e-3,
                                       warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
                                       grad_clip=1.0, seed=0, label_smoothing=0.1, num_threads=2)),
-    # The language model of the OK-VQA + LLM pipeline on shapes (tasks/okvqa_llm_train.py): GPT-2, 2 layers, 128 wide.
     # Retrieval (tasks/retrieval_losses.py): ITC over the batch + ITM with hard negatives, no momentum encoder/queue.
-    "tiny-blip-itm": ("shapes-bert", dict(task="retrieval", dataset="shapes", max_steps=1500, batch_size=32, lr=1e-3,
-                                          warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
+    "tiny-blip-itm": ("shapes-bert", dict(task="retrieval", dataset="shapes", max_steps=600, batch_size=32, lr=1e-3,
+                                          warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.05, schedule="cosine",
                                           grad_clip=1.0, seed=0, num_threads=2)),
-    "tiny-blip2-itm": ("shapes-bert", dict(task="retrieval", dataset="shapes", max_steps=1500, batch_size=32,
-                                           lr=1e-3, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.05,
+    "tiny-blip2-itm": ("shapes-bert", dict(task="retrieval", dataset="shapes", max_steps=600, batch_size=32,
+                                           lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.05,
                                            schedule="cosine", grad_clip=1.0, seed=0, num_threads=2)),
-    # batch_size 1 = one group of 32 prompts of one kind (tasks/okvqa_llm_train.py GROUP)
+    # The LLM of the OK-VQA + LLM pipeline on shapes (tasks/okvqa_llm_train.py): GPT-2, 2 layers, 64 wide;
+    # batch_size 1 = one group of 32 prompts of one kind (okvqa_llm_train.GROUP).
     "tiny-okvqa-lm": ("shapes-lm", dict(task="okvqa_llm", dataset="shapes", max_steps=800, batch_size=1, lr=2e-3,
                                         warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.01, schedule="cosine",
                                         grad_clip=1.0, seed=0, label_smoothing=0.0, decay_1d=False,

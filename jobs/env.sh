@@ -33,8 +33,9 @@ export PYTHONUNBUFFERED=1   # lines reach the Slurm log as they are printed
 export MPLBACKEND=Agg
 
 echo "[job] ${SLURM_JOB_NAME:-local} ${SLURM_JOB_ID:-} on $(hostname) restart ${SLURM_RESTART_COUNT:-0}," \
-     "$(date '+%F %T'), $(python --version 2>&1) at $(command -v python), git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)," \
-     "threads $OMP_NUM_THREADS, GPUs ${CUDA_VISIBLE_DEVICES:-none}"
+     "$(date '+%F %T'), $(python --version 2>&1) at $(command -v python)," \
+     "git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null), threads $OMP_NUM_THREADS," \
+     "GPUs ${CUDA_VISIBLE_DEVICES:-none}"
 
 # blip_run CMD...: run CMD so that the job survives preemption and time limits.
 # The jobs ask for `--signal=B:USR1@120`: Slurm signals this shell 120 s before the time limit. Then the run and

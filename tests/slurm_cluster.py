@@ -4,8 +4,8 @@ Debian's slurm-wlm and munge (installed by .ci/install_slurm.sh when missing and
 already answers), then slurmctld and `slurmd -N localhost` on free ports, with every file (slurm.conf, state,
 logs) in a temporary BASE and SLURM_CONF pointing there, so /etc/slurm is never touched. The node declares 64 CPUs,
 256 GB and one GPU (a stand-in device, /dev/null) whatever the machine has (`SlurmdParameters=config_overrides`), so
-the jobs' own #SBATCH requests (run_eval.job's --gpus=1, --cpus-per-task=8, --mem=32G) are accepted unmodified. Everything it
-started is stopped by PID, also when a test fails; daemon logs are attached to failures.
+the jobs' own #SBATCH requests (run_eval.job's --gpus=1, --cpus-per-task=8, --mem=32G) are accepted unmodified.
+Everything it started is stopped by PID, also when a test fails; daemon logs are attached to failures.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ NodeName=localhost CPUs=64 Sockets=1 CoresPerSocket=64 ThreadsPerCore=1 RealMemo
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 """
 GRES_CONF = "NodeName=localhost Name=gpu File=/dev/null\n"
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
 class Cluster:
@@ -76,8 +77,7 @@ class Cluster:
         out = self.run("scontrol", "-o", "show", "job", job_id).stdout
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
-    def wait(self, job_id: str, timeout: float, log: Path | None = None, until=("COMPLETED", "FAILED", "CANCELLED",
-                                                                                  "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")):
+    def wait(self, job_id: str, timeout: float, log: Path | None = None, until=FINAL_STATES) -> dict:
         """Poll until the job reaches one of `until` (or fail after `timeout` s, cancelling it, with the logs)."""
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -77,6 +77,15 @@ def checkout(tmp_path, monkeypatch):
 def test_suites_discover_their_experiments(checkout):
     assert [e.stem for e in reproduce.experiments("shapes")] == ["broken_shapes", "ok_shapes"]
     assert [e.stem for e in reproduce.experiments("paper")] == ["ok_paper_first", "ok_paper_second"]
+    assert reproduce.experiments("paper")[0].parameters() == {"value": 0.25}
+    # finetune's params files are training recipes, handed to the notebook's `recipe` parameter
+    _notebook(checkout / "notebooks" / "finetune.ipynb", 'recipe = ""\nsuite = "paper"', "")
+    for name in ("coco_caption_blip", "own_json"):  # own_json: the template for your own data, not a paper run
+        (checkout / "params" / "finetune" / f"{name}.yaml").parent.mkdir(exist_ok=True)
+        (checkout / "params" / "finetune" / f"{name}.yaml").write_text("task: captioning\n")
+    fine = [e for e in reproduce.experiments("paper") if e.name == "finetune"]
+    assert [e.stem for e in fine] == ["finetune_paper_coco_caption_blip"]
+    assert fine[0].parameters() == {"recipe": "params/finetune/coco_caption_blip.yaml", "suite": "paper"}
     assert [e.params.name for e in reproduce.experiments("shapes", only=["ok"])] == ["ok.yaml"]
     with pytest.raises(UserError, match="--only nop: no such notebook with shapes params; valid: broken, ok"):
         reproduce.experiments("shapes", only=["nop"])

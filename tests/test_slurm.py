@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from slurm_cluster import ROOT, slurm_cluster  # noqa: F401 - the fixture
+from slurm_cluster import FINAL_STATES, ROOT, slurm_cluster  # noqa: F401 - the fixture
 
 from blip_repro import reproduce, runs, tasks, tiny
 
@@ -120,11 +120,11 @@ def test_preempted_eval_job_resumes_with_the_same_numbers(baseline, models_dir, 
     cluster = baseline["cluster"]
     env = _job_env(tmp_path, models_dir)
     out, log = Path(env["BLIP_REPRO_OUTPUTS"]), tmp_path / "job.out"
-    # small batches: many appends, so the stop lands in the middle (batch size never changes a prediction)
-    job = cluster.sbatch(f"--output={log}", "jobs/run_eval.job", "-p", "batch_size", "10", env=env)
+    # smaller batches: several appends, so the stop lands in the middle (batch size never changes a prediction)
+    job = cluster.sbatch(f"--output={log}", "jobs/run_eval.job", "-p", "batch_size", "32", env=env)
     deadline, part = time.time() + 1200, None
-    while time.time() < deadline and part is None:
-        part = next((p for p in out.glob("*/*/predictions.part-*.jsonl") if len(_read_ids(p)) >= 10), None)
+    while time.time() < deadline and part is None:  # stop once the first batch is on disk
+        part = next((p for p in out.glob("*/*/predictions.part-*.jsonl") if len(_read_ids(p)) >= 32), None)
         assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), cluster.logs(log)
         time.sleep(0.05)
     assert part is not None, cluster.logs(log)
@@ -143,15 +143,15 @@ def test_preempted_eval_job_resumes_with_the_same_numbers(baseline, models_dir, 
     assert 0 < len(before) < n, f"not stopped in the middle of the evaluation ({len(before)} of {n})"
     cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # skip Slurm's 2-minute requeue delay
     seen, deadline = before, time.time() + 1200
-    while cluster.job(job)["JobState"] in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") \
-            and time.time() < deadline:
+    while cluster.job(job)["JobState"] not in FINAL_STATES and time.time() < deadline:
         ids = _read_ids(part)  # the resumed attempt appends here; the file goes once merged
         assert len(ids) == len(set(ids)), "a record was predicted twice"
         seen = ids if len(ids) > len(seen) else seen
         time.sleep(0.05)
     info = cluster.wait(job, timeout=60, log=log)
     text = log.read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), cluster.logs(log)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), \
+        f"{info}\n{cluster.logs(log)}"
     assert "restart 0," in text and "restart 1," in text, text
     assert ("SIGUSR1" in text and "requeueing job" in text) if how == "time-limit signal" else "SIGTERM" in text
     assert seen[:len(before)] == before and len(seen) <= n  # the rerun only appended the records still to do

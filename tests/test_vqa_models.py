@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blip_repro import tiny, zoo
-from blip_repro.data import readers
+from blip_repro.data import readers, shapes
 from blip_repro.tasks import vqa, vqa_blip, vqa_train
 
 
@@ -123,13 +123,13 @@ def test_blip_training_batch_and_loss_as_blip(monkeypatch):
     assert (batch["answer_ids"][:, 0] == proc.tokenizer.bos_token_id).all()  # the decoder starts from [DEC]
     assert (batch["attention_mask"] == 0).any()
     with torch.no_grad():
-        together = vqa_blip.train_loss(model, batch)
-        alone = [vqa_blip.train_loss(model, vqa_blip.train_batch(proc, [e], px[i:i + 1]))
+        together = vqa_blip.train_loss(model, batch).item()
+        alone = [vqa_blip.train_loss(model, vqa_blip.train_batch(proc, [e], px[i:i + 1])).item()
                  for i, e in enumerate(examples)]
         # sum of weighted answer losses / #questions: the padded batch equals the questions one at a time
         assert together * len(examples) == pytest.approx(sum(alone), rel=1e-5)
         monkeypatch.setattr(vqa_blip, "question_padding_mask", lambda *a: contextlib.nullcontext())
-        unmasked = vqa_blip.train_loss(model, batch)
+        unmasked = vqa_blip.train_loss(model, batch).item()
     assert abs(unmasked * len(examples) - sum(alone)) > 1e-3
 
 
@@ -152,7 +152,7 @@ def test_committed_blip2_processors_equal_a_fresh_build():
     for kind in ("shapes-opt", "shapes-t5"):
         committed, fresh = tiny.processor(kind), tiny.build_processor(kind)
         assert committed.tokenizer.get_vocab() == fresh.tokenizer.get_vocab()
-        assert len(committed.tokenizer) == 4 + len(__import__("blip_repro.data.shapes").data.shapes.vocabulary())
+        assert len(committed.tokenizer) == 4 + len(shapes.vocabulary())
         assert committed.tokenizer.convert_tokens_to_ids("<image>") == 3 and committed.num_query_tokens == 8
         text = "Question: what shape is red? Short answer:"
         assert committed.tokenizer(text)["input_ids"] == fresh.tokenizer(text)["input_ids"]

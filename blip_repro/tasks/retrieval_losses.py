@@ -103,9 +103,11 @@ def _itm_loss(model, batch, family, tokens, sim_i2t, sim_t2i, positive) -> torch
     neg_image = _hard_negatives(sim_t2i, positive, family)  # per text, an image of another sample (any rank)
     neg_text = _hard_negatives(sim_i2t, positive, family)  # per image, a text of another sample
     tokens_all = dist.all_gather_with_grad(tokens)  # negatives' gradients flow back to the rank that owns them
-    ids_all = dist.concat_all_gather(batch["itm_input_ids"])
-    mask_all = dist.concat_all_gather(batch["attention_mask"])
     ids, mask = batch["itm_input_ids"], batch["attention_mask"]
+    if dist.world_size() > 1:  # batches are padded to their longest text: all_gather needs one width on every rank
+        width = retrieval.PROTOCOLS[family].max_length
+        ids, mask = F.pad(ids, (0, width - ids.shape[1])), F.pad(mask, (0, width - mask.shape[1]))
+    ids_all, mask_all = dist.concat_all_gather(ids), dist.concat_all_gather(mask)
     logits = retrieval.itm_logits(model, torch.cat([tokens, tokens_all[neg_image], tokens]),
                                   torch.cat([ids, ids, ids_all[neg_text]]),
                                   torch.cat([mask, mask, mask_all[neg_text]]), family)

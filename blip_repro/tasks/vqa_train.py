@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from blip_repro.data import readers
 from blip_repro.errors import UserError
 
 BLIP2_SPECIALS = ["<pad>", "<unk>", "</s>", "<image>"]  # ids 0..3: pad, unk, bos/eos, the query placeholder
@@ -130,7 +129,8 @@ def _blip2_batch(processor, examples: list[dict], prompt: str, family: str) -> d
     tok = processor.tokenizer
     image = [tok.convert_tokens_to_ids("<image>")] * processor.num_query_tokens
     prompts = [image + tok(prompt.format(pre_question(e["question"])))["input_ids"] for e in examples]
-    answers = [tok(e["answer"], add_special_tokens=False)["input_ids"] for e in examples]
+    # a space before the answer, as it follows "answer:" in the text (byte-level BPE tokenizers encode it)
+    answers = [tok(" " + e["answer"], add_special_tokens=False)["input_ids"] for e in examples]
     if family == "blip2-opt":
         newline = tok("\n", add_special_tokens=False)["input_ids"]  # LAVIS ends OPT text with "\n"
         ids = [p + a + (newline or [tok.eos_token_id]) for p, a in zip(prompts, answers)]
