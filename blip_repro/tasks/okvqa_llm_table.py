@@ -140,3 +140,10 @@ def add_to_summary(table: list[dict], figures: list[str], usage_rows: list[dict]
     atomic_write_json(path, summary)
     text = report.markdown(summary.get("rows", [])) if summary.get("rows") else ""
     atomic_write_text(folder / "table.md", text + ("\n" + report.markdown(table, COLUMNS) if table else ""))
+
+
+def notes() -> str:
+    """Where this implementation departs from the published code (okvqa_llm.DEVIATIONS), under the table."""
+    from blip_repro.tasks.okvqa_llm import DEVIATIONS
+
+    return "**Known deviations**\n\n" + "\n".join(f"- {text}" for text in DEVIATIONS.values())

@@ -87,8 +87,8 @@ def _as_generated(caption: str, rng: random.Random) -> str:
 
 
 # prompt kind -> share of the training prompts; one batch holds one kind (similar lengths, little padding)
-KINDS = {"caption0": 0.35, "caption3": 0.25, "noun": 0.05, "propose": 0.12, "summary": 0.23}
-GROUP = 32  # prompts per training example: the recipe's batch_size 1 is one group of 32 prompts of one kind
+KINDS = {"caption0": 0.4, "caption3": 0.33, "noun": 0.02, "propose": 0.1, "summary": 0.15}
+GROUP = 16  # prompts per training example: the recipe's batch_size 1 is one group of 16 prompts of one kind
 
 
 def _example(kind: str, q: dict, captions: list[str], facts: dict, rng: random.Random) -> tuple[list[dict], str]:
