@@ -141,7 +141,9 @@ def test_preempted_eval_job_resumes_with_the_same_numbers(baseline, models_dir, 
     before = _read_ids(part)
     n = json.loads((baseline["runs"][part.parent.name] / "metrics.json").read_text())["n_scored"]
     assert 0 < len(before) < n, f"not stopped in the middle of the evaluation ({len(before)} of {n})"
-    cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")  # skip Slurm's 2-minute requeue delay
+    # Skip most of Slurm's 2-minute requeue delay, not all: slurmd refuses ("Job credential revoked") a job restarted
+    # within the second its previous run was revoked in.
+    cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now+5")
     seen, deadline = before, time.time() + 1200
     while cluster.job(job)["JobState"] not in FINAL_STATES and time.time() < deadline:
         ids = _read_ids(part)  # the resumed attempt appends here; the file goes once merged
