@@ -33,9 +33,9 @@ TINY = {
     "tiny-blip2-itm": ("shapes-bert", dict(task="retrieval", dataset="shapes", max_steps=600, batch_size=32,
                                            lr=1e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.05,
                                            schedule="cosine", grad_clip=1.0, seed=0, num_threads=2)),
-    # The LLM of the OK-VQA + LLM pipeline on shapes (tasks/okvqa_llm_train.py): GPT-2, 2 layers, 64 wide;
+    # The LLM of the OK-VQA + LLM pipeline on shapes (tasks/okvqa_llm_train.py): Llama, 2 layers, 64 wide;
     # batch_size 1 = one group of 32 prompts of one kind (okvqa_llm_train.GROUP).
-    "tiny-okvqa-lm": ("shapes-lm", dict(task="okvqa_llm", dataset="shapes", max_steps=800, batch_size=1, lr=2e-3,
+    "tiny-okvqa-lm": ("shapes-lm", dict(task="okvqa_llm", dataset="shapes", max_steps=1600, batch_size=1, lr=2e-3,
                                         warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.01, schedule="cosine",
                                         grad_clip=1.0, seed=0, label_smoothing=0.0, decay_1d=False,
                                         num_threads=1)),
@@ -128,14 +128,17 @@ def build(name: str, save_to: Path | None = None, seed: int = 0):
 
         model = tiny_blip2_itm(tok)
     if name == "tiny-okvqa-lm":
-        from transformers import GPT2Config, GPT2LMHeadModel
+        # Llama (rotary positions): copying the colour next to a named shape is a relative-position pattern; after
+        # 1600 steps it answers 61 % of caption prompts (93 % of summary prompts), a GPT-2 of this size 47 % (57 %)
+        from transformers import LlamaConfig, LlamaForCausalLM
 
         from blip_repro.tasks.okvqa_llm_train import MAX_TOKENS
 
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=MAX_TOKENS, n_embd=64, n_layer=2,
-                                           n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                           bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                                           pad_token_id=tok.pad_token_id))
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=256,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                             max_position_embeddings=MAX_TOKENS, tie_word_embeddings=True,
+                                             bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                                             pad_token_id=tok.pad_token_id))
     if name in ("tiny-blip2-opt", "tiny-blip2-t5", "tiny-blip-vqa"):
         from blip_repro.tasks import vqa_train
 

@@ -7,7 +7,7 @@ evidenced, `revision_status` says so and `blip-repro zoo --check` (on a connecte
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from blip_repro.errors import UserError
@@ -108,8 +108,8 @@ MODELS: dict[str, ModelSpec] = {
                            "BLIP VQA initialised from tiny-blip, fine-tuned on shapes VQAv2 (tasks/vqa_train.py)"),
     "tiny-blip-itm": _tiny("tiny-blip-itm", "blip-itm", "BlipForImageTextRetrieval", "retrieval",
                            "BLIP ITC/ITM retrieval model of config B size, trained on the shapes captions"),
-    "tiny-okvqa-lm": _tiny("tiny-okvqa-lm", "lm", "GPT2LMHeadModel", "okvqa_llm",
-                           "the LLM of the OK-VQA + LLM pipeline on shapes (llm=local:tiny-okvqa-lm): GPT-2, 2 layers, "
+    "tiny-okvqa-lm": _tiny("tiny-okvqa-lm", "lm", "LlamaForCausalLM", "okvqa_llm",
+                           "the LLM of the OK-VQA + LLM pipeline on shapes (llm=local:tiny-okvqa-lm): Llama, 2 layers, "
                            "64 wide, trained on the shapes facts in the pipeline's prompts (tasks/okvqa_llm_train.py)"),
     "tiny-blip2-itm": _tiny("tiny-blip2-itm", "blip2-itm", "Blip2ForImageTextRetrieval", "retrieval",
                             "BLIP-2 stage-1 (Q-Former ITC/ITM) model, 8 queries, trained on the shapes captions"),

@@ -14,13 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("vqav2", "gqa", "okvqa")
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
-def test_committed_without_outputs_and_one_parameters_cell(name):
-    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
-    assert all(not c.outputs and c.execution_count is None for c in code)
-    assert not any(line.lstrip().startswith(("def ", "class ")) for c in code for line in c.source.splitlines())
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

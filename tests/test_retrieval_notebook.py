@@ -3,7 +3,6 @@ and a paper model offline stopping in one line."""
 import json
 from pathlib import Path
 
-import nbformat
 import papermill
 import pytest
 import yaml
@@ -14,12 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks" / "retrieval.ipynb"
 
 
-def test_committed_without_outputs_and_one_parameters_cell():
-    nb = nbformat.read(NB, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
-    assert all(not c.outputs and c.execution_count is None for c in code)
-    assert not any(line.lstrip().startswith(("def ", "class ")) for c in code for line in c.source.splitlines())
 
 
 def test_every_paper_params_file_names_a_zoo_retrieval_model_with_a_paper_row():

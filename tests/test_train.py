@@ -175,7 +175,7 @@ def test_blip2_t5_batch_prompt_to_encoder_caption_to_decoder(blip2_folders):
 def _json_run(tmp_path, folder, name, n=8, **kw) -> TrainConfig:
     ann = tmp_path / f"{name}.json"
     if not ann.exists():
-        root = shapes.generate()
+        shapes.generate()
         ann.write_text(json.dumps([{"image": str(r["image"]), "caption": r["caption"]} for r in _examples(n)]))
     base = dict(task="captioning", model=str(folder), dataset="json", ann_file=str(ann), max_steps=2, batch_size=4,
                 lr=1e-3, log_every=1, num_threads=1, output_dir=str(tmp_path / name))

@@ -10,7 +10,6 @@ The real readers in `blip_repro.data.readers` read all of it. Generation is dete
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,7 +9,7 @@ BASELINE_ROW = "blip23-flant5xl-baseline"  # every published variant is compared
 # Runs live in outputs/okvqa/llm/<run id>/ (LLM cache included): beside the notebook's BLIP-2 runs, not among them
 NOTEBOOK = "okvqa/llm"
 COLUMNS = ("model", "variant", "shots", "llm", "ours", "published", "delta", "tolerance", "status", "blip2_alone",
-           "gain", "published_gain", "n", "note")
+           "gain", "published_gain", "control", "n", "note")
 
 
 def _list(value) -> list[str]:
@@ -49,14 +49,14 @@ def rows(llm_runs: list[dict]) -> list[dict]:
         delta = None if ours is None or paper is None else round(ours - paper, 2)
         tol = report.TOLERANCE["vqa_acc"] if paper is not None else None
         note = "" if paper is None or cfg["llm"] == PUBLISHED_LLM else f"published with {PUBLISHED_LLM}"
-        if cfg.get("caption_model"):
+        if cfg.get("caption_model") and cfg.get("llm_variant") != "questions":
             note = (note + "; " if note else "") + f"captions by {cfg['caption_model']}"
         out.append({"model": cfg["model"], "variant": m.get("llm_variant"), "shots": m.get("shots"),
                     "llm": cfg["llm"], "ours": ours, "published": paper, "delta": delta, "tolerance": tol,
                     "status": "" if delta is None else ("within" if abs(delta) <= tol else "outside"),
                     "blip2_alone": alone, "gain": None if ours is None or alone is None else round(ours - alone, 2),
                     "published_gain": None if paper is None or base is None else round(paper - base, 2),
-                    "n": m.get("n_scored"), "note": note})
+                    "control": m.get("control_majority_acc"), "n": m.get("n_scored"), "note": note})
         mine = base if BASELINE_ROW == f"blip23-{cfg['model']}-baseline" else None
         baselines.setdefault((cfg["model"], dataset), (alone, mine, m.get("n_scored")))
     for (model, _), (alone, base, n) in baselines.items():
@@ -75,11 +75,19 @@ def usage(llm_runs: list[dict], session: dict) -> list[dict]:
     return out + [{"run": "this session", **session}]
 
 
-def finished(dataset: str, configs: list[runs.EvalConfig]) -> list[dict]:
-    """The finished runs of exactly these configurations, in their order."""
-    ids = [c.run_id for c in configs]
-    by_id = {r["metrics"].get("run_id"): r for r in runs.finished_runs(NOTEBOOK, dataset)}
-    return [by_id[i] for i in ids if i in by_id]
+def finished(configs: list[runs.EvalConfig]) -> list[dict]:
+    """The finished runs of exactly these configurations ({"config", "metrics", "run_dir"}), in their order."""
+    import json
+
+    import yaml
+
+    out = []
+    for cfg in configs:
+        done = cfg.run_dir / "metrics.json"
+        if done.exists():
+            out.append({"config": yaml.safe_load((cfg.run_dir / "config.yaml").read_text()),
+                        "metrics": json.loads(done.read_text()), "run_dir": str(cfg.run_dir)})
+    return out
 
 
 def figure(table: list[dict], title: str):
@@ -92,6 +100,7 @@ def figure(table: list[dict], title: str):
     llm_rows = [r for r in table if r["llm"]]
     labels = [f"{r['variant']}\n{r['shots']}-shot\n{r['model']}" for r in llm_rows]
     x = list(range(len(llm_rows)))
+    control = next((r["control"] for r in llm_rows if r.get("control") is not None), None)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(llm_rows) + 1.5), 3.8))
     ax.bar([i - 0.27 for i in x], [r["ours"] or 0 for r in llm_rows], 0.27, label="ours: BLIP-2 + LLM", color="#3465a4")
     ax.bar(x, [r["blip2_alone"] or 0 for r in llm_rows], 0.27, label="ours: BLIP-2 alone", color="#babdb6")
@@ -101,6 +110,8 @@ def figure(table: list[dict], title: str):
     base = next((r["published"] for r in table if not r["llm"] and r["published"] is not None), None)
     if base is not None:
         ax.axhline(base, ls="--", lw=1, color="#cc0000", label=f"published BLIP-2 alone ({base})")
+    if control is not None:  # shapes: every question answered with its type's most frequent training answer
+        ax.axhline(control, ls=":", lw=1, color="#555753", label=f"blind control ({control})")
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("VQA accuracy")
     ax.set_title(title)
