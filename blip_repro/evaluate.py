@@ -21,7 +21,7 @@ import yaml
 from blip_repro import dist, tasks, zoo
 from blip_repro.errors import UserError
 from blip_repro.fileio import atomic_write_json, atomic_write_text
-from blip_repro.runs import EvalConfig, eval_config_from_file
+from blip_repro.runs import EvalConfig, eval_configs_from_file
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -171,11 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     for kv in args.overrides:
         k, _, v = kv.partition("=")
         overrides[k] = yaml.safe_load(v)
-    cfg = eval_config_from_file(args.params, overrides)
+    configs = eval_configs_from_file(args.params, overrides)  # a comma-separated model list: one run per model
     try:
-        metrics = evaluate(cfg)
-        if dist.is_main():
-            print(json.dumps(metrics, indent=2, default=str))
+        for cfg in configs:
+            metrics = evaluate(cfg)
+            if dist.is_main():
+                print(json.dumps(metrics, indent=2, default=str))
         return 0
     finally:
         dist.shutdown()  # on every path: a gloo group alive at exit aborts rank 0 (environment.md §9)

@@ -154,9 +154,14 @@ NOTEBOOK_TASK = {"captioning": "captioning", "vqav2": "vqa", "gqa": "vqa", "okvq
 
 
 def eval_config_from_file(path: str | Path, overrides: dict | None = None) -> EvalConfig:
-    """EvalConfig from a notebook's params file (params/<notebook>/x.yaml or params/shapes/<notebook>.yaml)."""
+    """EvalConfig from a notebook's params file (params/<notebook>/x.yaml or params/shapes/<notebook>.yaml) that
+    asks for one run; `eval_configs_from_file` takes any params file."""
     path = Path(path)
-    params = {**load_params(path), **(overrides or {})}
+    return _config_from_params(path, {**load_params(path), **(overrides or {})})
+
+
+def _config_from_params(path: Path, params: dict) -> EvalConfig:
+    params = dict(params)
     notebook = params.pop("notebook", None) or (path.stem if path.parent.name == "shapes" else path.parent.name)
     for k in NOTEBOOK_ONLY:
         params.pop(k, None)
@@ -164,7 +169,36 @@ def eval_config_from_file(path: str | Path, overrides: dict | None = None) -> Ev
     if task is None:
         raise UserError(f"{path}: cannot tell the task; add 'task: captioning|vqa|retrieval'")
     params = {k: (None if v == "" else v) for k, v in params.items()}
+    if params.get("limit") == 0:
+        params["limit"] = None
     return config_from(EvalConfig, {"task": task, "notebook": notebook, **params}, str(path))
+
+
+# okvqa.ipynb parameters that choose several BLIP-2 + LLM runs rather than set one run's field
+LLM_ROWS = ("llm_variants", "shots")
+LLM_FIELDS = ("llm", "caption_model", "llm_endpoint", "llm_cache", "llm_replay_only")
+
+
+def eval_configs_from_file(path: str | Path, overrides: dict | None = None) -> list[EvalConfig]:
+    """Every run a params file asks for, the runs its notebook makes from the same parameters: one per model of a
+    comma-separated `model`, then (okvqa with `llm` set) one per BLIP-2 + LLM variant and shot count."""
+    path = Path(path)
+    params = {**load_params(path), **(overrides or {})}
+    models = [m.strip() for m in str(params.get("model") or "").split(",") if m.strip()] or [params.get("model")]
+    if "llm_variants" not in params:  # one run per model, LLM fields (llm_variant, shots) as EvalConfig fields
+        return [_config_from_params(path, {**params, "model": m}) for m in models]
+    rows = {k: params.pop(k) for k in LLM_ROWS if k in params}
+    llm = {k: params.pop(k) for k in LLM_FIELDS if k in params}
+    base = [_config_from_params(path, {**params, "model": m}) for m in models]
+    if not llm.get("llm"):
+        return base
+    from blip_repro.tasks import okvqa_llm_table
+
+    shared = {k: v for k, v in base[0].to_dict().items() if k not in ("task", "notebook", "model", "llm_variant", "shots", *LLM_FIELDS)}
+    llm = {k: (None if v == "" else v) for k, v in llm.items()}
+    spec = llm.pop("llm")
+    return base + [c for m in models for c in okvqa_llm_table.variant_configs(
+        spec, rows["llm_variants"], rows.get("shots", ""), model=m, **shared, **llm)]
 
 
 def run_or_load(cfg: EvalConfig, world_size: int = 1) -> dict:

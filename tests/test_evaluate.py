@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -141,3 +142,42 @@ def test_malformed_annotation_json_is_named(tmp_path, monkeypatch):
     (dst / "annotations/coco_karpathy_test.json").write_text("[{\"image\": ")
     with pytest.raises(UserError, match="coco_karpathy_test.json: malformed JSON"):
         evaluate(_cfg(limit=3))
+
+
+def _notebook_defaults(name: str) -> dict:
+    import ast
+
+    import papermill
+
+    nb = Path(__file__).resolve().parents[1] / "notebooks" / f"{name}.ipynb"
+    return {k: ast.literal_eval(p["default"]) for k, p in papermill.inspect_notebook(str(nb)).items()}
+
+
+def test_params_file_with_a_model_list_asks_for_the_notebooks_runs():
+    """`python -m blip_repro.evaluate --params params/shapes/okvqa.yaml` (or under torchrun) makes the very runs that
+    okvqa.ipynb makes and reuses with the same parameters: one per model, then one per LLM variant and shot count."""
+    from blip_repro.tasks import okvqa_llm_table
+
+    path = Path(__file__).resolve().parents[1] / "params/shapes/okvqa.yaml"
+    p = {**_notebook_defaults("okvqa"), **yaml.safe_load(path.read_text())}
+    models = p["model"].split(",")
+    common = dict(dataset=p["dataset"], split=p["split"], limit=p["limit"], batch_size=p["batch_size"],
+                  device=p["device"], dtype=p["dtype"], prompt=p["prompt"], length_penalty=p["length_penalty"],
+                  evaluator=p["evaluator"], lemmatize=p["lemmatize"])
+    notebook = [runs.eval_config("vqa", notebook="okvqa", model=m, inference=p["inference"], **common)
+                for m in models]
+    notebook += [c for m in models for c in okvqa_llm_table.variant_configs(
+        p["llm"], p["llm_variants"], p["shots"], model=m, caption_model=p["caption_model"],
+        llm_endpoint=p["llm_endpoint"], llm_cache=p["llm_cache"], llm_replay_only=p["llm_replay_only"], **common)]
+    from_file = runs.eval_configs_from_file(path)
+    assert len(models) == 2 and len(from_file) == 2 + 2 * 3
+    assert [c.run_dir for c in from_file] == [c.run_dir for c in notebook]
+
+
+def test_params_file_llm_rows_without_an_llm_asks_for_the_blip2_runs_only(tmp_path):
+    p = tmp_path / "okvqa.yaml"
+    p.write_text("notebook: okvqa\nmodel: tiny-blip2-opt, tiny-blip2-t5\ndataset: shapes-okvqa\nllm: ''\n"
+                 "llm_variants: caption\n")
+    got = runs.eval_configs_from_file(p)
+    assert [(c.task, c.model, c.notebook, c.llm) for c in got] == [("vqa", "tiny-blip2-opt", "okvqa", None),
+                                                                  ("vqa", "tiny-blip2-t5", "okvqa", None)]

@@ -30,7 +30,7 @@ def _experiment() -> tuple[str, str]:
 
 NOTEBOOK, PARAMS = _experiment()
 NAME = Path(NOTEBOOK).stem
-CFG = runs.eval_config_from_file(ROOT / PARAMS)
+CFG = runs.eval_configs_from_file(ROOT / PARAMS)[0]
 KEY = tasks.get(CFG.task).KEY
 
 
@@ -38,9 +38,10 @@ KEY = tasks.get(CFG.task).KEY
 def models_dir() -> Path:
     """Train (once per test cache) every tiny model the params name; the jobs then find them through a link."""
     for value in yaml.safe_load((ROOT / PARAMS).read_text()).values():
-        for name in str(value).split(","):  # okvqa's `model` lists several
-            if name.strip() in tiny.TINY:
-                tiny.checkpoint(name.strip())
+        for name in str(value).split(","):  # okvqa's `model` lists several; its `llm` is local:tiny-okvqa-lm
+            name = name.strip().removeprefix("local:")
+            if name in tiny.TINY:
+                tiny.checkpoint(name)
     return runs.outputs_root() / "models"
 
 
