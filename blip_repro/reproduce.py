@@ -266,8 +266,8 @@ def write_report(suite: str, errors: dict[str, str] | None = None) -> Path:
         st, err = status[e.stem]
         link = f"[{e.executed.name}]({_rel(e.executed, path)})" if e.executed.exists() else "—"
         lines.append(f"| {e.name} | {e.params.relative_to(e.root)} | {st}{': ' + err if err else ''} | {link} |")
-    for name, (rows, checks, figures) in tables.items():
-        lines += ["", *_table_section(name, rows, checks, figures, path, report)]
+    for name, (rows, checks, figures, extra) in tables.items():
+        lines += ["", *_table_section(name, rows, checks, figures, path, report, extra)]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -297,23 +297,29 @@ def _summaries(exps: list[Experiment], suite: str, status: dict) -> list[tuple[s
     return out
 
 
-def _merge(summaries: list[tuple[str, dict]]) -> tuple[list, list, list]:
-    """One notebook's rows (each once: a later summary repeats earlier runs' rows), checks and figures."""
-    rows, checks, figures = [], [], []
+def _merge(summaries: list[tuple[str, dict]]) -> tuple[list, list, list, dict]:
+    """One notebook's rows (each once: a later summary repeats earlier runs' rows), checks, figures and further
+    tables (summary["tables"]: {"id", "title", "columns", "rows", "note"}; the last summary's version of each id)."""
+    rows, checks, figures, extra = [], [], [], {}
     for stem, s in summaries:
         rows += [r for r in s.get("rows", []) if r not in rows]
         checks += [{"experiment": stem, **c} for c in s.get("checks", [])]
         figures += [f for f in s.get("figures", []) if f not in figures]
-    return rows, checks, figures
+        extra.update({t.get("id") or t.get("title"): t for t in s.get("tables", [])})
+    return rows, checks, figures, extra
 
 
-def _table_section(name: str, rows: list, checks: list, figures: list, path: Path, report) -> list[str]:
+def _table_section(name: str, rows: list, checks: list, figures: list, path: Path, report,
+                   extra: dict | None = None) -> list[str]:
     out = [f"## {name}", ""]
     if name in report.SOURCES:
         out += [f"Paper: {report.SOURCES[name]}.", ""]
     rows = [{**r, "Δ": r.get("delta")} for r in rows]
     out.append(report.markdown(rows, ("model", "dataset", "metric", "ours", "paper", "Δ", "tolerance", "status", "n",
                                       "note")).rstrip())
+    for t in (extra or {}).values():
+        out += ["", f"### {t.get('title', '')}", "", report.markdown(t["rows"], t["columns"]).rstrip()]
+        out += ["", t["note"]] if t.get("note") else []
     if checks:
         passed = sum(bool(c.get("passed")) for c in checks)
         out += ["", f"Checks on the built-in benchmark: {passed} of {len(checks)} passed.", "",

@@ -211,7 +211,7 @@ def missing_weights_message(spec: ModelSpec, err: Exception | None = None) -> st
     why = f" ({str(err).splitlines()[0][:160]})" if err else ""
     return (f"model {spec.name}: {spec.hub_id}@{spec.revision[:12]} is not in the local HF cache (HF_HOME={hf_home}) "
             f"and could not be downloaded{why}; on a machine with internet run `blip-repro zoo --fetch {spec.name}` "
-            f"(or `huggingface-cli download {spec.hub_id} --revision {spec.revision}`), then copy HF_HOME here")
+            f"(or `hf download {spec.hub_id} --revision {spec.revision}`), then copy HF_HOME here")
 
 
 def _load_folder(folder: Path, device: str, dtype: str):

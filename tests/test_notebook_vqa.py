@@ -49,14 +49,18 @@ def test_shapes_run_beats_the_majority_control(name, tmp_path, monkeypatch):
         assert (tmp_path / "figures" / f"{name}_shapes.{ext}").stat().st_size > 1000
 
 
-def test_okvqa_paper_model_offline_stops_early_with_one_line(tmp_path):
+@pytest.mark.parametrize("name, model, missing", [
+    ("okvqa", "flant5xl", "OpenEnded_mscoco_val2014_questions.json"),
+    ("vqav2", "blip-base-vqa", "v2_OpenEnded_mscoco_val2014_questions.json"),
+    ("gqa", "opt2.7b", "testdev_balanced_questions.json")])
+def test_paper_model_offline_stops_early_with_one_line(name, model, missing, tmp_path):
     with pytest.raises(papermill.PapermillExecutionError) as e:
-        papermill.execute_notebook(str(ROOT / "notebooks" / "okvqa.ipynb"), str(tmp_path / "out.ipynb"),
-                                   parameters={"model": "flant5xl"}, kernel_name="python3", cwd=str(ROOT),
+        papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"model": model}, kernel_name="python3", cwd=str(ROOT),
                                    progress_bar=False)
     assert e.value.ename == "UserError" and "\n" not in e.value.evalue
-    assert "not in the local HF cache" in e.value.evalue
-    assert "OpenEnded_mscoco_val2014_questions.json" in e.value.evalue and "blip-repro download okvqa" in e.value.evalue
+    assert "not in the local HF cache" in e.value.evalue and f"blip-repro zoo --fetch {model}" in e.value.evalue
+    assert missing in e.value.evalue and f"blip-repro download {name}" in e.value.evalue
     out = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     failed = [i for i, c in enumerate(c for c in out.cells if c.cell_type == "code")
               if any(o.get("output_type") == "error" for o in c.get("outputs", []))]

@@ -62,6 +62,9 @@ def test_shapes_caption_and_llm_beat_blip2_alone(tmp_path, monkeypatch):
     rows = [r for r in summary["llm_rows"] if r["llm"]]
     assert {(r["variant"], r["shots"]) for r in rows} >= {("caption", 3), ("caption", 0), ("questions", 0)}
     assert summary["llm_checks"] and all(c["passed"] for c in summary["llm_checks"]), summary["llm_checks"]
+    # the combined report (blip-repro reproduce) shows the variants table and its checks
+    assert [t["rows"] for t in summary["tables"] if t["id"] == "okvqa_llm"] == [summary["llm_rows"]]
+    assert all(c in summary["checks"] for c in summary["llm_checks"])
     assert all(r["n"] == rows[0]["n"] > 100 for r in rows)
     assert any(f.endswith("okvqa_llm_shapes.png") for f in summary["figures"])
     assert (tmp_path / "figures" / "okvqa_llm_shapes.svg").stat().st_size > 1000

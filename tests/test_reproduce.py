@@ -56,7 +56,9 @@ OK_BODY = """from blip_repro import report
 rows = [{"model": "m", "dataset": "shapes", "split": "test", "metric": "acc", "ours": value, "paper": None,
          "delta": None, "tolerance": None, "status": "", "n": 4, "note": ""}]
 checks = [{"check": "acc >= 0.5", "metric": "acc", "value": value, "minimum": 0.5, "passed": value >= 0.5}]
-report.write_summary("ok", suite, rows, [], {"checks": checks})"""
+tables = [{"id": "more", "title": "A second table", "columns": ["model", "gain"], "rows": [{"model": "m", "gain": value}],
+           "note": "said under it"}]
+report.write_summary("ok", suite, rows, [], {"checks": checks, "tables": tables})"""
 
 
 @pytest.fixture
@@ -101,6 +103,7 @@ def test_a_failing_notebook_is_reported_and_the_others_still_run(checkout, tmp_p
     assert "| broken | params/shapes/broken.yaml | failed: ValueError: broken on purpose |" in text
     assert "| ok | params/shapes/ok.yaml | ok | [ok_shapes.ipynb](notebooks/ok_shapes.ipynb) |" in text
     assert "| m | shapes | acc | 0.75 |" in text and "1 of 1 passed" in text
+    assert "### A second table\n\n| model | gain |\n|---|---|\n| m | 0.75 |\n\nsaid under it" in text  # okvqa's LLM rows
     assert "nop" not in text
     assert reproduce.notebook_status(out / "notebooks" / "broken_shapes.ipynb")[0] == "failed"
     # `blip-repro report` rewrites the same page from the executed notebooks alone

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blip_repro import tiny
-from blip_repro.data import readers
+from blip_repro.data import readers, shapes
 from blip_repro.errors import UserError
 from blip_repro.evaluate import evaluate
 from blip_repro.runs import EvalConfig
@@ -298,3 +298,18 @@ def test_training_loss_without_a_process_group_learns_a_batch(name):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.1, losses
     assert "forward" not in vars(model)  # the loss's temporary forward is gone again
+
+
+def test_training_at_world_size_1_says_the_negatives_come_from_the_local_batch(tmp_path, capsys):
+    """protocols.md §1.9: BLIP gathers ITC negatives and samples ITM hard negatives across GPUs; one process sees
+    only its own batch, which changes what is learned, so the run says so on screen and in its log."""
+    from blip_repro.train import TrainConfig, finetune
+
+    shapes.generate()
+    model = tiny.build("tiny-blip-itm", save_to=tmp_path / "untrained")
+    result = finetune(TrainConfig(task="retrieval", model=str(model), dataset="shapes", max_steps=1, batch_size=8,
+                                  limit=40, output_dir=str(tmp_path / "run")))
+    assert result["world_size"] == 1 and result["steps"] == 1
+    assert "negatives come from the local batch only" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "note" and "local batch" in e["message"] for e in log)

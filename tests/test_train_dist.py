@@ -154,6 +154,7 @@ def resumed(setup) -> dict:
     interrupted once their first checkpoint exists, then started again with the same command."""
     root, params = setup["root"], setup["params"]["blip"]
     plan = {"ref-1": (1, None), "term-1": (1, signal.SIGTERM), "kill-1": (1, signal.SIGKILL),
+            "usr1-1": (1, signal.SIGUSR1),  # what sbatch --signal=B:USR1@300 sends ahead of the time limit
             "ref-2": (2, None), "term-2": (2, signal.SIGTERM)}
     cmds = {name: _cmd(n, params, output_dir=str(root / name), **RESUME) for name, (n, _) in plan.items()}
     first = {name: _start(cmds[name]) for name in plan}
@@ -164,7 +165,8 @@ def resumed(setup) -> dict:
                    [done[name][0]] + ([again[name][0]] if name in again else [])) for name in plan}
 
 
-@pytest.mark.parametrize("name, ref", [("term-1", "ref-1"), ("kill-1", "ref-1"), ("term-2", "ref-2")])
+@pytest.mark.parametrize("name, ref", [("term-1", "ref-1"), ("kill-1", "ref-1"), ("usr1-1", "ref-1"),
+                                       ("term-2", "ref-2")])
 def test_interrupted_then_resumed_equals_uninterrupted(resumed, name, ref):
     out, outputs, codes = resumed[name]
     assert codes[-1] == 0 and resumed[ref][2] == [0], "\n".join(outputs + resumed[ref][1])
@@ -175,10 +177,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(resumed, name, ref):
     assert steps == list(range(1, RESUME["max_steps"] + 1))  # every step logged once, none redone twice
 
 
-@pytest.mark.parametrize("name", ["term-1", "term-2"])
-def test_sigterm_checkpoints_and_exits_143_mid_run(resumed, name):
+@pytest.mark.parametrize("name", ["term-1", "usr1-1", "term-2"])
+def test_sigterm_or_sigusr1_checkpoints_and_exits_143_mid_run(resumed, name):
     out, outputs, codes = resumed[name]
-    if name == "term-1":
+    if name.endswith("-1"):
         assert codes[0] == 143, outputs[0]
     else:
         assert codes[0] != 0  # torchrun reports its workers' 143 as a failure

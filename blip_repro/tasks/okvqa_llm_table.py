@@ -115,7 +115,9 @@ def figure(table: list[dict], title: str):
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel("VQA accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    top = max([ax.get_ylim()[1]] + [r["ours"] or 0 for r in llm_rows])
+    ax.set_ylim(0, top * 1.3)  # headroom: the legend sits above the bars, never on them
+    ax.legend(fontsize=8, loc="upper center", ncol=4, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -148,6 +150,13 @@ def add_to_summary(table: list[dict], figures: list[str], usage_rows: list[dict]
     summary = json.loads(path.read_text()) if path.exists() else {"notebook": "okvqa"}
     summary["figures"] = [f for f in summary.get("figures", []) if f not in figures] + figures
     summary.update(llm_rows=table, llm_usage=usage_rows, llm_session=session, llm_checks=shape_checks)
+    # what `blip-repro reproduce` puts in the combined report: the variants table and its checks
+    summary["checks"] = [c for c in summary.get("checks", []) if c not in shape_checks] + shape_checks
+    summary["tables"] = [t for t in summary.get("tables", []) if t.get("id") != "okvqa_llm"] + ([{
+        "id": "okvqa_llm", "title": "BLIP-2 + a language model (protocols.md §6): ours / published, gain over "
+        "BLIP-2 alone", "columns": list(COLUMNS), "rows": table,
+        "note": f"LLM requests made by this execution: {session.get('requests', 0)}, cache hits: "
+                f"{session.get('cache_hits', 0)}"}] if table else [])
     atomic_write_json(path, summary)
     text = report.markdown(summary.get("rows", [])) if summary.get("rows") else ""
     atomic_write_text(folder / "table.md", text + ("\n" + report.markdown(table, COLUMNS) if table else ""))

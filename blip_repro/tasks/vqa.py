@@ -55,9 +55,9 @@ DEVIATIONS = {
     "blip2-opt": "the paper (§4.1) states the prompt 'Question: {} Answer:' and length penalty -1 for OPT; the "
                  "released LAVIS OPT code, written after the paper, uses 'Question: {} Short answer:' and 0, the "
                  "default here (protocols.md §2.2). prompt= and length_penalty= run the paper's.",
-    "blip-vqa": "generate mode only (the paper ranks answers): transformers >= 4.16 normalises a beam that stops at "
-                "max_length by its generated length, BLIP (4.15) by the length counting [DEC] (protocols.md §4.3 "
-                "item 3); answers that end with [SEP] score the same in both.",
+    "blip-vqa": "rank mode (the paper's, the default here) is unaffected; in inference=generate, transformers >= "
+                "4.16 normalises a beam that stops at max_length by its generated length, BLIP (4.15) by the length "
+                "counting [DEC] (protocols.md §4.3 item 3); answers that end with [SEP] score the same in both.",
 }
 
 
