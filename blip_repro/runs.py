@@ -126,10 +126,20 @@ def config_from(cls, params: dict, source: str = "parameters"):
         raise UserError(f"{source}: {e}") from None
 
 
-def load_params(path: str | Path) -> dict:
+def resolve_params_path(path: str | Path) -> Path:
+    """A params file as given, or relative to the checkout (a notebook run from Jupyter starts in notebooks/)."""
+    from blip_repro.fileio import project_root
+
     path = Path(path)
+    if not path.exists() and not path.is_absolute() and (project_root() / path).exists():
+        path = project_root() / path
     if not path.exists():
         raise UserError(f"params file {path} not found")
+    return path
+
+
+def load_params(path: str | Path) -> dict:
+    path = resolve_params_path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -181,3 +181,12 @@ def test_params_file_llm_rows_without_an_llm_asks_for_the_blip2_runs_only(tmp_pa
     got = runs.eval_configs_from_file(p)
     assert [(c.task, c.model, c.notebook, c.llm) for c in got] == [("vqa", "tiny-blip2-opt", "okvqa", None),
                                                                   ("vqa", "tiny-blip2-t5", "okvqa", None)]
+
+
+def test_params_paths_resolve_from_the_notebooks_folder(monkeypatch):
+    """Run All in Jupyter starts the kernel in notebooks/: the checkout-relative params paths still work there."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root / "notebooks")
+    assert runs.load_params("params/shapes/captioning.yaml")["model"] == "tiny-blip"
+    with pytest.raises(UserError, match="params file params/shapes/nope.yaml not found"):
+        runs.load_params("params/shapes/nope.yaml")
