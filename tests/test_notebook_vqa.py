@@ -35,7 +35,9 @@ def test_shapes_run_beats_the_majority_control(name, tmp_path, monkeypatch):
         else:
             assert m[metric] > m["control_majority_acc"], (model, m[metric], m["control_majority_acc"])
     if name == "okvqa":
-        assert summary["checks"] == []  # no pass mark: the tiny models cannot know the facts asked for
+        # no pass mark for BLIP-2 alone (the tiny models cannot know the facts asked for): the only checks are the
+        # LLM section's, which the combined report shows
+        assert summary["checks"] == summary.get("llm_checks", [])
     else:
         assert summary["checks"] and all(c["passed"] for c in summary["checks"]), summary["checks"]
     if name == "vqav2":
