@@ -149,12 +149,12 @@ def load_params(path: str | Path) -> dict:
     return data
 
 
-def eval_config(task: str, **params) -> EvalConfig:
+def eval_config(task: str, _source: str = "notebook parameters", **params) -> EvalConfig:
     """EvalConfig from notebook parameters; empty strings and 0 limits mean 'not set' (papermill-friendly)."""
     params = {k: (None if v == "" else v) for k, v in params.items()}
     if params.get("limit") == 0:
         params["limit"] = None
-    return config_from(EvalConfig, {"task": task, **params}, "notebook parameters")
+    return config_from(EvalConfig, {"task": task, **params}, _source)
 
 
 # Notebook parameters that steer the notebook, not a run (they never change a number).
@@ -178,10 +178,7 @@ def _config_from_params(path: Path, params: dict) -> EvalConfig:
     task = params.pop("task", None) or NOTEBOOK_TASK.get(notebook)
     if task is None:
         raise UserError(f"{path}: cannot tell the task; add 'task: captioning|vqa|retrieval'")
-    params = {k: (None if v == "" else v) for k, v in params.items()}
-    if params.get("limit") == 0:
-        params["limit"] = None
-    return config_from(EvalConfig, {"task": task, "notebook": notebook, **params}, str(path))
+    return eval_config(task, str(path), notebook=notebook, **params)
 
 
 # okvqa.ipynb parameters that choose several BLIP-2 + LLM runs rather than set one run's field

@@ -13,8 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks" / "captioning.ipynb"
 
 
-
-
 def test_shapes_run_reaches_the_measured_quality(tmp_path, monkeypatch):
     monkeypatch.setenv("BLIP_REPRO_FIGURES", str(tmp_path / "figures"))
     params = yaml.safe_load((ROOT / "params/shapes/captioning.yaml").read_text())

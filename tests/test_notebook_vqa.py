@@ -14,8 +14,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ("vqav2", "gqa", "okvqa")
 
 
-
-
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_shapes_run_beats_the_majority_control(name, tmp_path, monkeypatch):
     monkeypatch.setenv("BLIP_REPRO_FIGURES", str(tmp_path / "figures"))

@@ -13,8 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks" / "retrieval.ipynb"
 
 
-
-
 def test_every_paper_params_file_names_a_zoo_retrieval_model_with_a_paper_row():
     from blip_repro import report, zoo
 

@@ -12,8 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "notebooks" / "finetune.ipynb"
 
 
-
-
 def test_shapes_run_fine_tunes_and_evaluates(tmp_path, monkeypatch):
     monkeypatch.setenv("BLIP_REPRO_FIGURES", str(tmp_path / "figures"))
     params = yaml.safe_load((ROOT / "params/shapes/finetune.yaml").read_text())
