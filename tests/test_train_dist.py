@@ -4,13 +4,15 @@ group) and `torchrun --nproc_per_node=2 -m blip_repro.train`.
 - one step on 2 processes x batch B = one step on 1 process x batch 2B (BLIP and BLIP-2 OPT; also with grad_accum,
   whose first micro-batch skips the all-reduce), for dropout-free tiny models;
 - SIGTERM mid-run (1 and 2 processes) checkpoints and exits 143; re-running continues to the very same parameters as
-  an uninterrupted run; a hard kill (SIGKILL) after a checkpoint resumes the same way;
+  an uninterrupted run; a hard kill (SIGKILL) after a checkpoint resumes the same way; with dropout on, the same
+  holds only because the checkpoint restores the RNG state (a checkpoint given a foreign RNG state ends elsewhere);
 - an error after the process group exists exits with its one-line message, not the gloo abort (environment.md §9).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,8 +79,9 @@ def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train_dist")
     blip = tiny.build("tiny-blip", save_to=root / "tiny-blip")
     blip2 = build_tiny_blip2(root / "tiny-blip2-opt")
+    dropout = _with_dropout(blip, root / "tiny-blip-dropout")
     files = {}
-    for name, folder in (("blip", blip), ("blip2", blip2)):
+    for name, folder in (("blip", blip), ("blip2", blip2), ("dropout", dropout)):
         from transformers import AutoProcessor
 
         tok = AutoProcessor.from_pretrained(folder).tokenizer
@@ -88,6 +91,16 @@ def setup(tmp_path_factory) -> dict:
             task="captioning", model=str(folder), dataset="json", ann_file=str(ann), max_steps=2, lr=1e-3,
             grad_clip=1.0, num_threads=1, log_every=1, seed=0)))
     return {"root": root, "params": files}
+
+
+def _with_dropout(folder: Path, dest: Path) -> Path:
+    """A copy of a tiny BLIP whose text and vision layers use dropout 0.1: its training consumes the torch RNG."""
+    shutil.copytree(folder, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["text_config"] |= {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    cfg["vision_config"] |= {"attention_dropout": 0.1}
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
 
 
 # ---- 2 x B == 1 x 2B -------------------------------------------------------------------------------------------
@@ -151,22 +164,33 @@ def _signal_after_first_checkpoint(waiting: dict[Path, tuple[subprocess.Popen, i
 @pytest.fixture(scope="module")
 def resumed(setup) -> dict:
     """name -> (output folder, outputs of each attempt, exit codes): references run uninterrupted; the others are
-    interrupted once their first checkpoint exists, then started again with the same command."""
-    root, params = setup["root"], setup["params"]["blip"]
-    plan = {"ref-1": (1, None), "term-1": (1, signal.SIGTERM), "kill-1": (1, signal.SIGKILL),
-            "usr1-1": (1, signal.SIGUSR1),  # what sbatch --signal=B:USR1@300 sends ahead of the time limit
-            "ref-2": (2, None), "term-2": (2, signal.SIGTERM)}
-    cmds = {name: _cmd(n, params, output_dir=str(root / name), **RESUME) for name, (n, _) in plan.items()}
+    interrupted once their first checkpoint exists, then started again with the same command. `foreign-drop-1` has
+    the RNG state in its checkpoint replaced by another seed's before it resumes."""
+    root, params = setup["root"], setup["params"]
+    plan = {"ref-1": (1, None, "blip"), "term-1": (1, signal.SIGTERM, "blip"), "kill-1": (1, signal.SIGKILL, "blip"),
+            "usr1-1": (1, signal.SIGUSR1, "blip"),  # what sbatch --signal=B:USR1@300 sends ahead of the time limit
+            "ref-2": (2, None, "blip"), "term-2": (2, signal.SIGTERM, "blip"),
+            "ref-drop-1": (1, None, "dropout"), "term-drop-1": (1, signal.SIGTERM, "dropout"),
+            "foreign-drop-1": (1, signal.SIGTERM, "dropout")}
+    cmds = {name: _cmd(n, params[m], output_dir=str(root / name), **RESUME) for name, (n, _, m) in plan.items()}
     first = {name: _start(cmds[name]) for name in plan}
-    _signal_after_first_checkpoint({root / name: (first[name], sig) for name, (_, sig) in plan.items() if sig})
+    _signal_after_first_checkpoint({root / name: (first[name], sig) for name, (_, sig, _) in plan.items() if sig})
     done = _finish(first)
-    again = _finish({name: _start(cmds[name]) for name, (_, sig) in plan.items() if sig is not None})
+    _replace_rng_state(root / "foreign-drop-1" / "checkpoint.pt", seed=12345)
+    again = _finish({name: _start(cmds[name]) for name, (_, sig, _) in plan.items() if sig is not None})
     return {name: (root / name, [done[name][1]] + ([again[name][1]] if name in again else []),
                    [done[name][0]] + ([again[name][0]] if name in again else [])) for name in plan}
 
 
+def _replace_rng_state(f: Path, seed: int) -> None:
+    ckpt = torch.load(f, map_location="cpu", weights_only=True)
+    for rank_state in ckpt["rng"]:
+        rank_state["torch"] = torch.Generator().manual_seed(seed).get_state()
+    torch.save(ckpt, f)
+
+
 @pytest.mark.parametrize("name, ref", [("term-1", "ref-1"), ("kill-1", "ref-1"), ("usr1-1", "ref-1"),
-                                       ("term-2", "ref-2")])
+                                       ("term-2", "ref-2"), ("term-drop-1", "ref-drop-1")])
 def test_interrupted_then_resumed_equals_uninterrupted(resumed, name, ref):
     out, outputs, codes = resumed[name]
     assert codes[-1] == 0 and resumed[ref][2] == [0], "\n".join(outputs + resumed[ref][1])
@@ -175,6 +199,15 @@ def test_interrupted_then_resumed_equals_uninterrupted(resumed, name, ref):
         assert torch.equal(a[k], b[k]), k  # bit for bit: same batches, same optimizer state, same RNG
     steps = [r["step"] for r in _log(out) if "loss" in r]
     assert steps == list(range(1, RESUME["max_steps"] + 1))  # every step logged once, none redone twice
+
+
+def test_resume_with_dropout_depends_on_the_restored_rng_state(resumed):
+    """Guards the dropout case above: with another RNG state the resumed run ends elsewhere, so its equality with
+    the uninterrupted run comes from the checkpoint's RNG state, not from dropout having no effect."""
+    out, outputs, codes = resumed["foreign-drop-1"]
+    assert codes[-1] == 0, "\n".join(outputs)
+    a, b = params_of(out / "model"), params_of(resumed["ref-drop-1"][0] / "model")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) > 1e-6
 
 
 @pytest.mark.parametrize("name", ["term-1", "usr1-1", "term-2"])
