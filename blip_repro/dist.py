@@ -67,6 +67,18 @@ def _set_slurm_rendezvous() -> None:
         env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000)
 
 
+def local_device_index(local_rank: int, visible: int) -> int:
+    """The GPU this process drives. torchrun and `srun --gpus-per-node` show every task all the node's GPUs (pick
+    number local_rank); `srun --gpus-per-task=1` or a per-task CUDA_VISIBLE_DEVICES shows each task only its own
+    (pick 0). Anything else means more processes than GPUs on the node, which would share devices."""
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise UserError(f"local rank {local_rank} but only {visible} GPUs visible: start one process per GPU "
+                    "(--nproc_per_node / --ntasks-per-node = GPUs per node)")
+
+
 def init(backend: str | None = None, timeout_min: float | None = None) -> DistState:
     """Join the process group when world_size > 1 (idempotent); pick the device. Safe to call in any process.
 
@@ -83,10 +95,7 @@ def init(backend: str | None = None, timeout_min: float | None = None) -> DistSt
         raise UserError(f"rank {rank} is outside world size {world}: "
                         "check RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS")
     use_cuda = torch.cuda.is_available()
-    if use_cuda and local_rank >= torch.cuda.device_count():
-        raise UserError(f"local rank {local_rank} but only {torch.cuda.device_count()} GPUs visible: "
-                        "start one process per GPU (--nproc_per_node / --ntasks-per-node = GPUs per node)")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = torch.device(f"cuda:{local_device_index(local_rank, torch.cuda.device_count())}" if use_cuda else "cpu")
     if world > 1 and not dist.is_initialized():
         if "RANK" not in os.environ:
             _set_slurm_rendezvous()
@@ -169,9 +178,20 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where a collective needs its tensor: NCCL reduces only tensors on this process's GPU, gloo takes any."""
+    if _STATE is not None and dist.get_backend() == "nccl":
+        return _STATE.device
+    return t.device
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place; returns `t`."""
+    """Sum over ranks. Returns `t` summed in place, or, when the backend needs the tensor elsewhere (a CPU tensor
+    under NCCL), the sum on the backend's device."""
     if is_initialized():
+        where = _comm_device(t)
+        if t.device != where:
+            t = t.to(where)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -233,11 +253,12 @@ def gather_tensor_sharded(t: torch.Tensor, n: int) -> torch.Tensor:
     # all_gather needs equal shapes: pad every rank to the largest shard, strip it again below.
     longest = len(range(0, n, world))
     padded = torch.cat([t, t.new_zeros((longest - t.shape[0], *t.shape[1:]))]) if t.shape[0] < longest else t
+    padded = padded.to(_comm_device(padded))  # CPU features under NCCL travel through the GPU
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous())
     out = t.new_empty((n, *t.shape[1:]))
     for r, part in enumerate(parts):
-        out[r::world] = part[: counts[r]]
+        out[r::world] = part[: counts[r]].to(t.device)
     return out
 
 

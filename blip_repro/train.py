@@ -320,7 +320,8 @@ def _set_train_mode(model, cfg: TrainConfig) -> None:
 
 
 def _agree(flag: bool) -> bool:
-    """Every rank stops at the same step when any rank got the signal."""
+    """Every rank stops at the same step when any rank got the signal (dist.all_reduce_sum moves the flag to the
+    GPU under NCCL)."""
     return bool(dist.all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
 
 

@@ -195,6 +195,33 @@ def test_without_group_wrong_count_still_fails(no_launcher):
         dist.gather_tensor_sharded(torch.zeros(2, 1), 3)
 
 
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_collectives_hand_nccl_the_process_gpu(no_launcher, monkeypatch, backend):
+    # NCCL rejects CPU tensors: the stop flag and the loss of the training loop are built on the CPU, so a multi-GPU
+    # run crashed at its first step. No GPU here: a "meta" device stands in for this process's GPU.
+    seen = []
+    monkeypatch.setattr(dist, "_STATE", dist.DistState(0, 0, 2, torch.device("meta"), True))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: seen.append(t.device))
+    flag = torch.tensor([1.0])
+    summed = dist.all_reduce_sum(flag)
+    want = torch.device("meta") if backend == "nccl" else torch.device("cpu")
+    assert seen and set(seen) == {want}
+    assert (summed is flag) == (backend == "gloo")  # gloo reduces in place, nothing copied
+
+
+@pytest.mark.parametrize("local_rank,visible,want", [(0, 4, 0), (3, 4, 3), (2, 1, 0), (0, 1, 0)])
+def test_local_rank_picks_its_gpu(local_rank, visible, want):
+    # torchrun / srun --gpus-per-node: every task sees all GPUs; srun --gpus-per-task=1: each sees only its own.
+    assert dist.local_device_index(local_rank, visible) == want
+
+
+def test_more_processes_than_gpus_is_refused():
+    with pytest.raises(dist.UserError, match="local rank 4 but only 4 GPUs visible"):
+        dist.local_device_index(4, 4)
+
+
 def test_world_info_defaults_to_one_process(no_launcher):
     assert dist.world_info() == (0, 0, 1)
 
