@@ -1,16 +1,23 @@
 """A training run's folder: claimed by one configuration, atomic checkpoints, exact resume, the final model, the log.
 
     <output_dir>/train_config.json   the run's TrainConfig (another configuration is refused)
-                 checkpoint.pt       model, optimizer, schedule, grad scaler, every rank's RNG states, step
+                 checkpoint.pt       trained weights, optimizer, schedule, grad scaler, every rank's RNG states, step
                  log.jsonl           one record per logged step (rank 0)
                  model/              the fine-tuned model and its processor (save_pretrained), written last
                  train_result.json   the finished run's summary; its presence means "done"
 
 Checkpoints are loaded with `torch.load(weights_only=True)`: a checkpoint file cannot run code.
+
+A checkpoint holds only what training changes: trainable parameters and buffers. The frozen ones (the LLM of BLIP-2,
+and the ViT under freeze_vision) are rebuilt from the run's pinned initial model on resume; a fingerprint of them
+in the checkpoint refuses a resume whose frozen weights differ. For BLIP-2 OPT-2.7b this keeps the frozen
+2.7B-parameter LLM (5.4 GB in fp16) out of every checkpoint, which must be written inside the few minutes between
+Slurm's warning signal and the time limit.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -77,6 +84,24 @@ def _set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def _trained_state(model) -> dict:
+    """The state_dict entries a training step can change: trainable parameters (under every tied name) and buffers."""
+    keep = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    keep |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return {k: v for k, v in model.state_dict().items() if k in keep}
+
+
+@torch.no_grad()
+def _frozen_fingerprint(model) -> list[float]:
+    """Count, sum and sum of squares of the frozen parameters: a resume from another model revision shows here."""
+    n, total, squares = 0, 0.0, 0.0
+    for p in model.parameters():
+        if not p.requires_grad:
+            d = p.detach().double()
+            n, total, squares = n + p.numel(), total + float(d.sum()), squares + float((d * d).sum())
+    return [n, total, squares]
+
+
 def save(out: Path, step: int, config: dict, model, stateful: dict, is_main: bool) -> None:
     """Checkpoint on rank 0 (collective: every rank calls it). Written to a temporary file, fsynced, then renamed
     over checkpoint.pt, so a kill at any moment leaves the previous checkpoint intact.
@@ -84,7 +109,8 @@ def save(out: Path, step: int, config: dict, model, stateful: dict, is_main: boo
     `stateful`: name -> object with state_dict()/load_state_dict() (optimizer, scheduler, scaler)."""
     states = dist.gather_objects([_rng_state()])  # every rank's RNG, so each resumes its own stream
     if is_main:
-        ckpt = {"step": step, "config": config, "model": model.state_dict(), "rng": states,
+        ckpt = {"step": step, "config": config, "model": _trained_state(model), "frozen": _frozen_fingerprint(model),
+                "rng": states,
                 **{k: v.state_dict() for k, v in stateful.items()}}
         tmp = out / f".checkpoint.pt.{os.getpid()}.tmp"
         try:
@@ -118,7 +144,7 @@ def resume(f: Path, config: dict, model, stateful: dict, rank: int, world_size: 
     except Exception as e:  # truncated, not a torch file, or holding pickled code
         raise UserError(f"cannot read checkpoint {f} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     check_matches(f, ckpt, config, model, world_size)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"], strict=False)  # check_matches: exactly the trained entries
     for name, obj in stateful.items():
         try:
             obj.load_state_dict(ckpt[name])
@@ -131,7 +157,7 @@ def resume(f: Path, config: dict, model, stateful: dict, rank: int, world_size: 
 
 def check_matches(f: Path, ckpt: dict, config: dict, model, world_size: int) -> None:
     """'Does not match the model' and 'belongs to another run' as one-line errors, before anything is loaded."""
-    own, theirs = model.state_dict(), ckpt.get("model", {})
+    own, theirs = _trained_state(model), ckpt.get("model", {})
     missing, extra = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
     shapes = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
     if missing or extra or shapes:
@@ -147,6 +173,12 @@ def check_matches(f: Path, ckpt: dict, config: dict, model, world_size: int) -> 
     if len(ckpt["rng"]) != world_size:  # the global batch, and with it what a step means, would change
         raise UserError(f"checkpoint {f} was written by {len(ckpt['rng'])} processes; resume it with "
                         f"{len(ckpt['rng'])}, not {world_size}")
+    mine, saved = _frozen_fingerprint(model), ckpt.get("frozen")
+    if saved is not None and not (mine[0] == saved[0] and all(
+            math.isclose(a, b, rel_tol=1e-7, abs_tol=1e-6) for a, b in zip(mine[1:], saved[1:]))):
+        raise UserError(f"checkpoint {f} was trained on other frozen weights than model {config.get('model')} "
+                        f"loads now (sum {saved[1]:.6g} there, {mine[1]:.6g} here): the model "
+                        f"files or their hub revision changed since the run started")
 
 
 def save_model(model, processor, dest: Path) -> None:

@@ -203,6 +203,32 @@ def test_frozen_llm_and_vit_do_not_move_and_checkpointing_changes_nothing(tmp_pa
         torch.testing.assert_close(after[k], after_ckpt[k], rtol=1e-5, atol=1e-6)
 
 
+def test_checkpoint_leaves_frozen_weights_out_and_resume_checks_them(tmp_path, monkeypatch):
+    # BLIP-2's frozen LLM (and ViT) are rebuilt from the model on resume, not written at every checkpoint; a
+    # checkpoint resumed on other frozen weights is refused, and one resumed on the same continues exactly.
+    from blip_repro import train
+
+    folder = build_tiny_blip2(tmp_path / "m", seed=0)
+    whole = finetune(_json_run(tmp_path, folder, "whole", max_steps=3, freeze_vision=True))
+    calls = []
+    monkeypatch.setattr(train, "_agree", lambda flag: calls.append(flag) or len(calls) == 2)  # "signal" at step 2
+    stopped = finetune(_json_run(tmp_path, folder, "cut", max_steps=3, freeze_vision=True))
+    monkeypatch.undo()
+    assert stopped["stopped"] and stopped["steps"] == 2
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    assert saved and not [k for k in saved if k.startswith(("language_model.", "vision_model."))]
+    assert {k for k in params_of(folder) if k.startswith(("qformer.", "query_tokens", "language_projection."))} <= set(saved)
+
+    build_tiny_blip2(tmp_path / "m", seed=1)  # the model files changed under the run
+    with pytest.raises(UserError, match="other frozen weights than model .* the model files or their hub revision"):
+        finetune(_json_run(tmp_path, folder, "cut", max_steps=3, freeze_vision=True))
+    build_tiny_blip2(tmp_path / "m", seed=0)
+    resumed = finetune(_json_run(tmp_path, folder, "cut", max_steps=3, freeze_vision=True))
+    assert resumed["steps"] == 3 and not resumed["stopped"]
+    a, b = params_of(whole["model"]), params_of(resumed["model"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_output_folder_of_another_run_and_foreign_checkpoint_are_refused(tmp_path, blip2_folders):
     model, _ = tiny.build("tiny-blip")
     blip = tmp_path / "blip"
