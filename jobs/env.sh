@@ -77,20 +77,22 @@ _blip_alive() {
   [ -n "$s" ] && [ "${s#Z}" = "$s" ]
 }
 
-# SIGTERM to a process and all its descendants (listed first: they are re-parented once it exits), then wait up to
-# 90 s (inside the 120 s warning) for all of them to exit; SIGKILL what is left.
+# BLIP_STOP_SIGNAL (SIGTERM) to a process and all its descendants (listed first: they are re-parented once it
+# exits), then wait up to BLIP_STOP_GRACE_S seconds (90, inside the 120 s warning) for all of them to exit; SIGKILL
+# what is left. run_train.job sends USR1 instead (srun cancels its step on SIGTERM but forwards USR1 to the tasks)
+# and waits 270 of its 300 s, for the checkpoint.
 _blip_stop_tree() {
-  local pids p left
+  local pids p left grace=${BLIP_STOP_GRACE_S:-90} sig=${BLIP_STOP_SIGNAL:-TERM}
   pids="$1 $(_blip_descendants "$1")"
-  for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
-  for _ in $(seq 180); do
+  for p in $pids; do kill -"$sig" "$p" 2>/dev/null || true; done
+  for _ in $(seq $((grace * 2))); do
     left=""
     for p in $pids; do _blip_alive "$p" && left="$left $p"; done  # zombies count as gone
     [ -z "$left" ] && break
     sleep 0.5
   done
   if [ -n "$left" ]; then
-    echo "[job] still running after 90 s, killing:$left"
+    echo "[job] still running after $grace s, killing:$left"
     for p in $left; do kill -KILL "$p" 2>/dev/null || true; done
   fi
   wait "$1" 2>/dev/null || true

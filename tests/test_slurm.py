@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from slurm_cluster import FINAL_STATES, ROOT, slurm_cluster  # noqa: F401 - the fixture
 
@@ -198,6 +199,38 @@ def test_train_job_runs_torchrun_under_srun(slurm_cluster, tmp_path):  # noqa: F
     result = json.loads((tmp_path / "train" / "train_result.json").read_text())
     assert (result["world_size"], result["steps"]) == (2, 2), slurm_cluster.logs(log)
     assert (tmp_path / "train" / "model" / "config.json").exists()
+
+
+def test_train_job_stopped_by_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):  # noqa: F811,E501
+    # The whole chain of a time limit: USR1 to the batch shell -> srun -> torchrun -> both workers finish their step,
+    # write one checkpoint and exit; the job requeues itself and the rerun continues from that step to the end.
+    total = 400  # about 20 s at 2 CPU processes: the signal lands early in the run
+    params = tmp_path / "long.yaml"
+    params.write_text(yaml.safe_dump({"task": "captioning", "model": "tiny-blip", "init": "random",
+                                      "dataset": "shapes", "max_steps": total, "batch_size": 2, "limit": 16,
+                                      "num_threads": 1, "log_every": 1, "output_dir": str(tmp_path / "train")}))
+    log, jsonl = tmp_path / "train.out", tmp_path / "train" / "log.jsonl"
+    job = slurm_cluster.sbatch(f"--output={log}", "--nodes=1", "--gpus-per-node=1", "jobs/run_train.job", str(params),
+                               env={"NPROC_PER_NODE": "2"})
+    deadline = time.time() + 600
+    while time.time() < deadline and '"loss"' not in (jsonl.read_text() if jsonl.exists() else ""):
+        assert slurm_cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), slurm_cluster.logs(log)
+        time.sleep(0.05)
+    slurm_cluster.run("scancel", "--batch", "--signal=USR1", job)
+    state = slurm_cluster.wait(job, timeout=300, log=log, until=("PENDING", "COMPLETED", "FAILED", "CANCELLED"))
+    assert state["JobState"] == "PENDING", slurm_cluster.logs(log)  # requeued
+    ckpt = torch.load(tmp_path / "train" / "checkpoint.pt", weights_only=True)
+    assert 0 < ckpt["step"] < total and len(ckpt["rng"]) == 2, f"checkpoint at step {ckpt['step']} of {total}"
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now+5")
+    info = slurm_cluster.wait(job, timeout=900, log=log)
+    text = log.read_text()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), slurm_cluster.logs(log)
+    assert "SIGUSR1" in text and "requeueing job" in text and "killing" not in text, text
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == list(range(1, total + 1))  # every step once, none redone
+    assert [r["step"] for r in recs if r.get("event") == "stopped"] == [ckpt["step"]]
+    result = json.loads((tmp_path / "train" / "train_result.json").read_text())
+    assert (result["steps"], result["world_size"], result["stopped"]) == (total, 2, False)
 
 
 def test_reproduce_slurm_submits_one_job_per_notebook_and_reports(slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
