@@ -30,7 +30,8 @@ from blip_repro.errors import UserError
 from blip_repro.fileio import atomic_write_json
 
 # TrainConfig fields that never change a trained parameter: a run may be resumed with other values of these.
-NOT_PART_OF_RUN = ("output_dir", "resume_from", "log_every", "save_every_steps", "num_threads", "num_workers")
+NOT_PART_OF_RUN = ("output_dir", "resume_from", "log_every", "save_every_steps", "num_threads", "num_workers",
+                   "global_batch")
 
 
 def run_fields(config: dict) -> dict:

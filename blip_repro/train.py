@@ -71,6 +71,7 @@ class TrainConfig:
     save_every_steps: int = 0  # also checkpoint every N steps (besides every epoch and on SIGTERM/SIGUSR1)
     log_every: int = 50
     limit: int | None = None  # first N training records
+    global_batch: int | None = None  # the recipe's batch_size x grad_accum x processes: a note when this run's differs
 
     def __post_init__(self):
         for f in fields(self):
@@ -86,7 +87,7 @@ class TrainConfig:
             if getattr(self, name) not in valid:
                 raise UserError(f"parameter {name!r}: {getattr(self, name)!r} is not one of {', '.join(valid)}")
         length = "epochs" if self.epochs is not None else "max_steps"
-        for name in ("batch_size", "grad_accum", "log_every", length):
+        for name in ("batch_size", "grad_accum", "log_every", length) + (("global_batch",) if self.global_batch else ()):
             if getattr(self, name) < 1:
                 raise UserError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
 
@@ -132,6 +133,13 @@ def finetune(cfg: TrainConfig) -> dict:
               world_size=state.world_size, process_group=dist.is_initialized(), n_examples=len(run.examples),
               trainable_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
               precision=str(_amp_dtype(cfg, state.device) or "fp32"))
+    ours = cfg.batch_size * cfg.grad_accum * state.world_size
+    if cfg.global_batch and ours != cfg.global_batch:
+        note = (f"global batch {ours} (batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x "
+                f"{state.world_size} processes) is not the recipe's {cfg.global_batch}: its learning rate was set "
+                f"for {cfg.global_batch}")
+        print(f"note: {note}")
+        log.write(event="note", step=start, message=note)
     if state.world_size == 1 and cfg.task == "retrieval":
         note = "world size 1: ITC negatives and ITM hard negatives come from the local batch only (protocols.md §1.9)"
         print(f"note: {note}")
@@ -200,6 +208,7 @@ def _train_loop(run: _Run, start: int, log: checkpoint.TrainLog) -> tuple[int, f
     from tqdm.auto import tqdm
 
     cfg, step, loss, t0 = run.cfg, start, None, time.time()
+    window, n_window = None, 0  # the summed losses of the steps not logged yet
     bar = tqdm(total=run.total, initial=start, desc=f"train {Path(cfg.model).name} {cfg.task}", mininterval=2,
                disable=not run.state.is_main)
     _set_train_mode(run.model, cfg)
@@ -208,11 +217,15 @@ def _train_loop(run: _Run, start: int, log: checkpoint.TrainLog) -> tuple[int, f
         last = min(run.steps_per_epoch, run.total - epoch * run.steps_per_epoch)
         batches = _micro_batches(run, epoch, first, last)
         for _ in range(first, last):
-            loss_t = _train_step(run, [next(batches) for _ in range(cfg.grad_accum)])
+            loss_t = _train_step(run, [next(batches) for _ in range(cfg.grad_accum)]).detach().float().reshape(1)
+            window = loss_t if window is None else window + loss_t  # on the device: no synchronisation per step
+            n_window += 1
             step += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == run.total:
-                loss = dist.all_reduce_sum(loss_t.detach().float().reshape(1).clone()).item() / run.state.world_size
+                # the mean over the steps since the last record and over the ranks
+                loss = dist.all_reduce_sum(window).item() / run.state.world_size / n_window
+                window, n_window = None, 0
                 if not torch.isfinite(torch.tensor(loss)):
                     raise UserError(f"training loss is {loss} at step {step}: lower 'lr' or use precision fp32")
                 lr = cfg.lr * run.scheduler.lr_lambdas[0](step - 1)  # the step's own LR (before the ViT decay)

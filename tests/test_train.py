@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from blip_repro import checkpoint, optim, tiny
+from blip_repro import checkpoint, optim, tiny, train
 from blip_repro.data import readers, shapes
 from blip_repro.errors import UserError
 from blip_repro.runs import config_from
@@ -206,8 +206,6 @@ def test_frozen_llm_and_vit_do_not_move_and_checkpointing_changes_nothing(tmp_pa
 def test_checkpoint_leaves_frozen_weights_out_and_resume_checks_them(tmp_path, monkeypatch):
     # BLIP-2's frozen LLM (and ViT) are rebuilt from the model on resume, not written at every checkpoint; a
     # checkpoint resumed on other frozen weights is refused, and one resumed on the same continues exactly.
-    from blip_repro import train
-
     folder = build_tiny_blip2(tmp_path / "m", seed=0)
     whole = finetune(_json_run(tmp_path, folder, "whole", max_steps=3, freeze_vision=True))
     calls = []
@@ -257,6 +255,45 @@ def test_finished_run_is_reused_not_retrained(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "done" / "log.jsonl").read_text().splitlines()]
     assert recs[0]["event"] == "start" and recs[0]["process_group"] is False and recs[0]["world_size"] == 1
     assert [r["step"] for r in recs if "loss" in r] == [1]
+
+
+def test_logged_loss_is_the_mean_since_the_last_record_and_another_global_batch_is_noted(tmp_path):
+    model = tiny.build("tiny-blip", save_to=tmp_path / "m")
+    every = finetune(_json_run(tmp_path, model, "every", max_steps=5))
+    pairs = finetune(_json_run(tmp_path, model, "pairs", max_steps=5, log_every=2, global_batch=8))
+
+    def records(run):
+        return [json.loads(line) for line in Path(run["log"]).read_text().splitlines()]
+
+    per_step = {r["step"]: r["loss"] for r in records(every) if "loss" in r}
+    logged = {r["step"]: r["loss"] for r in records(pairs) if "loss" in r}
+    assert sorted(logged) == [2, 4, 5]  # every log_every steps, and the last step
+    for step, steps in ((2, [1, 2]), (4, [3, 4]), (5, [5])):
+        assert logged[step] == pytest.approx(sum(per_step[s] for s in steps) / len(steps), abs=2e-5)
+    assert pairs["final_loss"] == pytest.approx(per_step[5], abs=2e-5)
+    notes = [r["message"] for r in records(pairs) if r.get("event") == "note"]
+    assert notes == ["global batch 4 (batch_size 4 x grad_accum 1 x 1 processes) is not the recipe's 8: its "
+                     "learning rate was set for 8"]
+    assert not [r for r in records(every) if r.get("event") == "note"]
+
+
+# protocols.md §1.8 (BLIP: paper App. B Table 14 and its configs) and §2.4 (BLIP-2 caption fine-tuning)
+PAPER_RECIPES = {  # file: (task, lr, epochs, global batch, weight decay)
+    "coco_caption_blip.yaml": ("captioning", 1e-5, 5, 256, 0.05),
+    "coco_caption_blip_large.yaml": ("captioning", 2e-6, 5, 128, 0.05),  # BLIP's code: 16 x 8 GPUs
+    "retrieval_coco_blip.yaml": ("retrieval", 1e-5, 6, 256, 0.05),
+    "vqa_blip.yaml": ("vqa", 2e-5, 10, 256, 0.05),
+    "coco_caption_blip2_opt.yaml": ("captioning", 1e-5, 5, 256, 0.05),
+    "coco_caption_blip2_opt_frozen_vit.yaml": ("captioning", 1e-5, 5, 256, 0.05),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RECIPES))
+def test_recipe_files_hold_the_papers_settings(name):
+    cfg = train.config_from_file(Path(__file__).parents[1] / "params" / "finetune" / name)
+    assert (cfg.task, cfg.lr, cfg.epochs, cfg.global_batch, cfg.weight_decay) == PAPER_RECIPES[name]
+    per_process = cfg.batch_size * cfg.grad_accum
+    assert cfg.global_batch % per_process == 0  # reached by a whole number of GPUs (8 or 16 in the papers)
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
