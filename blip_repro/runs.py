@@ -35,7 +35,7 @@ NOT_IN_RUN_ID = ("batch_size", "notebook", "llm_cache", "llm_replay_only", "itm_
 class EvalConfig:
     task: str  # captioning | vqa | retrieval (the notebook's table)
     model: str  # zoo name (blip-repro zoo) or a local HF checkpoint folder
-    dataset: str  # coco | nocaps | flickr30k | vqav2 | okvqa | gqa | shapes
+    dataset: str  # coco | nocaps | flickr30k | vqav2 | okvqa | gqa | shapes | json (captioning: your held-out list)
     split: str = "test"  # the split the paper reports (Karpathy test for COCO)
     notebook: str = ""  # outputs/<notebook>/...; defaults to the task
     limit: int | None = None  # first N records only (smoke runs); None = the whole split
@@ -67,6 +67,8 @@ class EvalConfig:
     llm_cache: str | None = None  # SQLite answer cache; None = <run dir>/llm_cache.sqlite. Not in the run id
     llm_replay_only: bool = False  # answer from the cache only, a miss is an error. Not in the run id
     seed: int = 0
+    ann_file: str | None = None  # dataset json: a JSON list of {"image", "caption" (a string or a list)}
+    image_root: str | None = None  # dataset json: the folder its image paths are relative to (default: cwd)
 
     def __post_init__(self):
         for f in fields(self):
@@ -87,6 +89,10 @@ class EvalConfig:
             from blip_repro.tasks.okvqa_llm import weights_fingerprint
 
             keep["llm_weights"] = weights_fingerprint(self)  # a retrained tiny LLM or captioner is a new run
+        if self.ann_file and Path(self.ann_file).is_file():
+            from blip_repro.fileio import sha256_file
+
+            keep["ann_sha256"] = sha256_file(self.ann_file)  # edited held-out captions are a new run
         digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
         return f"{Path(self.model).name}-{self.dataset}-{self.split}-{digest}"
 
@@ -251,7 +257,9 @@ def check_ready(cfg: EvalConfig) -> None:
 
         shapes.generate()
     missing = [p for p in tasks.required_files(cfg) if not p.exists()]
-    if missing:
+    if missing and cfg.dataset == "json":
+        problems.append(f"ann_file {missing[0]} does not exist")
+    elif missing:
         problems.append(f"data file {missing[0]} is missing ({len(missing)} missing in all) under "
                         f"$BLIP_REPRO_DATA={data_root()}; run `blip-repro download {cfg.dataset}`")
     if problems:

@@ -190,3 +190,26 @@ def test_params_paths_resolve_from_the_notebooks_folder(monkeypatch):
     assert runs.load_params("params/shapes/captioning.yaml")["model"] == "tiny-blip"
     with pytest.raises(UserError, match="params file params/shapes/nope.yaml not found"):
         runs.load_params("params/shapes/nope.yaml")
+
+
+def test_own_held_out_json_scores_like_the_same_split(tmp_path):
+    # Your own {"image", "caption"} list (one caption per record, images repeated) goes through the captioning
+    # protocol and scorer as a dataset does: written from shapes test, it gets the same captions and numbers.
+    from blip_repro.data import readers
+    from blip_repro.tasks import captioning
+
+    images, _ = readers.dataset_paths("shapes")
+    recs = captioning.read("shapes", "test", limit=12)
+    flat = [{"image": str(Path(r["image"]).relative_to(images)), "caption": c} for r in recs for c in r["captions"]]
+    held_out = tmp_path / "held_out.json"
+    held_out.write_text(json.dumps(flat))
+    ours = evaluate(_cfg(fresh=True, dataset="json", ann_file=str(held_out), image_root=str(images), seed=5))
+    split = evaluate(_cfg(fresh=True, seed=5))
+    assert ours["n_scored"] == split["n_scored"] == 12
+    for k in ("bleu4", "cider", "rouge_l", "control_wrong_image_cider"):
+        assert ours[k] == pytest.approx(split[k], abs=1e-9), k
+    held_out.write_text(json.dumps([{"image": "a.png"}]))
+    with pytest.raises(UserError, match=r"held_out.json: record 0 needs a string 'image' and a 'caption'"):
+        evaluate(_cfg(dataset="json", ann_file=str(held_out), image_root=str(images)))
+    with pytest.raises(UserError, match="dataset json needs 'ann_file'"):
+        evaluate(_cfg(dataset="json"))

@@ -145,6 +145,29 @@ def read_nocaps(ann_file: str | Path, image_root: str | Path, limit: int | None 
 LAYOUT["sherlock"] = {"images": "sherlock", "annotations": "sherlock/sherlock_dataset"}
 
 
+def read_caption_refs(ann_file: str | Path, image_root: str | Path, limit: int | None = None) -> list[dict]:
+    """Your own held-out captions for evaluation: a JSON list of {"image", "caption"} where "caption" is one string or
+    a list, and an image may appear in several records (the training format works as is). One record per image, in
+    order of first appearance: {"image_id": the "image" string, "image": Path, "captions": [every caption]};
+    `limit` keeps the first N images."""
+    anns = read_json(ann_file)
+    if not isinstance(anns, list):
+        raise UserError(f"{ann_file}: expected a JSON list of {{'image', 'caption'}} records")
+    by_image: dict[str, dict] = {}
+    for i, a in enumerate(anns):
+        caps = a.get("caption") if isinstance(a, dict) else None
+        caps = [caps] if isinstance(caps, str) else caps
+        if not isinstance(a, dict) or not isinstance(a.get("image"), str) or not caps or \
+                not all(isinstance(c, str) for c in caps):
+            raise UserError(f"{ann_file}: record {i} needs a string 'image' and a 'caption' string or list of strings")
+        if a["image"] not in by_image:
+            if limit and len(by_image) >= limit:
+                continue
+            by_image[a["image"]] = {"image_id": a["image"], "image": Path(image_root) / a["image"], "captions": []}
+        by_image[a["image"]]["captions"].extend(caps)
+    return list(by_image.values())
+
+
 def read_sherlock(ann_file: str | Path, image_root: str | Path, limit: int | None = None) -> list[dict]:
     """Sherlock v1.1 records ({"inputs": {"image": {"url"}, "bboxes", "clue", ...}, "targets": {"inference"},
     "instance_id"}) -> {"instance_id", "image": Path, "boxes": [(left, top, width, height)], "clue", "inference"}.

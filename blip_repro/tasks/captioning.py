@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -147,10 +148,21 @@ KEY = "image_id"
 
 
 def records(cfg) -> list[dict]:
+    if cfg.dataset == "json":
+        return readers.read_caption_refs(_held_out(cfg), cfg.image_root or ".", cfg.limit)
     return read(cfg.dataset, cfg.split, cfg.limit)
 
 
+def _held_out(cfg) -> Path:
+    if not cfg.ann_file:
+        raise UserError("dataset json needs 'ann_file': your held-out JSON list of {image, caption} "
+                        "(and 'image_root', the folder its image paths are relative to)")
+    return Path(cfg.ann_file)
+
+
 def required_files(cfg) -> list:
+    if cfg.dataset == "json":
+        return [_held_out(cfg)]
     images, anns = readers.dataset_paths(cfg.dataset)
     if cfg.dataset == "nocaps":
         return [anns / f"nocaps_{cfg.split}.json"]
@@ -207,8 +219,6 @@ def train_examples(cfg, processor) -> list[dict]:
 def example_json_list(dest, limit: int | None = None):
     """Write "your own data" in its simplest form — a JSON list of {"image": absolute path, "caption"} — from the
     shapes training split (the fine-tuning notebook's built-in example). Returns the path."""
-    from pathlib import Path
-
     from blip_repro.data import shapes
     from blip_repro.fileio import atomic_write_json
 
