@@ -145,7 +145,7 @@ def resume(f: Path, config: dict, model, stateful: dict, rank: int, world_size: 
     except Exception as e:  # truncated, not a torch file, or holding pickled code
         raise UserError(f"cannot read checkpoint {f} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     check_matches(f, ckpt, config, model, world_size)
-    model.load_state_dict(ckpt["model"], strict=False)  # check_matches: exactly the trained entries
+    model.load_state_dict(ckpt["model"], strict=False)  # check_matches: exactly the entries this model expects
     for name, obj in stateful.items():
         try:
             obj.load_state_dict(ckpt[name])
@@ -158,7 +158,9 @@ def resume(f: Path, config: dict, model, stateful: dict, rank: int, world_size: 
 
 def check_matches(f: Path, ckpt: dict, config: dict, model, world_size: int) -> None:
     """'Does not match the model' and 'belongs to another run' as one-line errors, before anything is loaded."""
-    own, theirs = _trained_state(model), ckpt.get("model", {})
+    # a checkpoint without a fingerprint predates trained-only checkpoints and holds the whole model
+    own = _trained_state(model) if "frozen" in ckpt else model.state_dict()
+    theirs = ckpt.get("model", {})
     missing, extra = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
     shapes = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
     if missing or extra or shapes:

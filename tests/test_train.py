@@ -313,6 +313,21 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
+def test_checkpoint_of_the_whole_model_written_before_trained_only_checkpoints_still_resumes(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    model.bias.requires_grad_(False)
+    checkpoint.save(tmp_path, 3, {"model": "m"}, model, {}, True)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert set(ckpt["model"]) == {"weight"}  # the frozen bias is left out
+    ckpt.pop("frozen")
+    ckpt["model"] = {k: v + 1 for k, v in model.state_dict().items()}  # the older layout: every tensor
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    other = torch.nn.Linear(2, 2)
+    other.bias.requires_grad_(False)
+    assert checkpoint.resume(tmp_path / "checkpoint.pt", {"model": "m"}, other, {}, 0, 1) == 3
+    assert torch.equal(other.bias, model.bias + 1) and torch.equal(other.weight, model.weight + 1)
+
+
 def test_unreadable_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read checkpoint"):
