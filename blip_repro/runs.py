@@ -29,6 +29,8 @@ def outputs_root() -> Path:
 
 # Fields that never change a number: batch size (tested), the output folder, where LLM answers are cached.
 NOT_IN_RUN_ID = ("batch_size", "notebook", "llm_cache", "llm_replay_only", "itm_batch_size", "itc_memory_mb")
+# Fields added after runs were made: left out of the id while unset, so the finished runs keep their ids.
+UNSET_NOT_IN_RUN_ID = ("ann_file", "image_root")
 
 
 @dataclass
@@ -76,7 +78,8 @@ class EvalConfig:
 
     @property
     def run_id(self) -> str:
-        keep = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IN_RUN_ID}
+        keep = {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in NOT_IN_RUN_ID and not (k in UNSET_NOT_IN_RUN_ID and v is None)}
         if keep["device"] == "auto":
             from blip_repro.zoo import resolve_device
 
