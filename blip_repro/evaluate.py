@@ -50,22 +50,37 @@ def evaluate(cfg: EvalConfig) -> dict:
     _predict_to(part, todo, lambda b: task.predict_records(model, processor, b, cfg, family), cfg.batch_size,
                 state.is_main, f"{cfg.task} {Path(cfg.model).name} {cfg.dataset}")
     dist.barrier()
-    metrics = None
+    metrics, failure = None, None
     if state.is_main:
-        preds = read_predictions(run_dir, task.KEY)
-        missing = [k for k in keys if k not in preds]
-        if missing or len(preds) != len(keys):
-            raise UserError(f"{run_dir}: {len(missing)} of {len(keys)} records have no prediction "
-                            f"(first: {missing[:1]}); re-run to finish them")
-        atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(preds[k]) + "\n" for k in keys))
-        metrics = task.score_run(recs, preds, cfg, family)
-        metrics["n_scored"] = len(keys)
-        metrics["run_id"] = cfg.run_id
-        atomic_write_json(run_dir / "provenance.json", provenance(cfg, model, time.time() - t0, task))
-        atomic_write_json(run_dir / "metrics.json", metrics)
-        for p in run_dir.glob("predictions.part-*.jsonl"):
-            p.unlink()
-    return dist.broadcast_object(metrics)
+        try:
+            metrics = _merge_and_score(cfg, task, recs, keys, model, family, run_dir, t0)
+        except Exception as e:
+            # the other ranks wait in the broadcast below: tell them, so that they stop now, not at the timeout
+            dist.broadcast_object((None, f"{type(e).__name__}: {e}"))
+            raise
+    metrics, failure = dist.broadcast_object((metrics, failure))
+    if failure:
+        raise UserError(f"rank 0 failed while scoring ({failure}); the predictions are kept, re-run to score them")
+    return metrics
+
+
+def _merge_and_score(cfg: EvalConfig, task, recs: list, keys: list, model, family: str, run_dir: Path,
+                     t0: float) -> dict:
+    """Rank 0: every rank's predictions into predictions.jsonl, then metrics.json and provenance.json."""
+    preds = read_predictions(run_dir, task.KEY)
+    missing = [k for k in keys if k not in preds]
+    if missing or len(preds) != len(keys):
+        raise UserError(f"{run_dir}: {len(missing)} of {len(keys)} records have no prediction "
+                        f"(first: {missing[:1]}); re-run to finish them")
+    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(preds[k]) + "\n" for k in keys))
+    metrics = task.score_run(recs, preds, cfg, family)
+    metrics["n_scored"] = len(keys)
+    metrics["run_id"] = cfg.run_id
+    atomic_write_json(run_dir / "provenance.json", provenance(cfg, model, time.time() - t0, task))
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    for p in run_dir.glob("predictions.part-*.jsonl"):
+        p.unlink()
+    return metrics
 
 
 def _predict_to(part: Path, todo: list, predict, batch_size: int, show: bool, desc: str) -> None:

@@ -87,7 +87,8 @@ class TrainConfig:
             if getattr(self, name) not in valid:
                 raise UserError(f"parameter {name!r}: {getattr(self, name)!r} is not one of {', '.join(valid)}")
         length = "epochs" if self.epochs is not None else "max_steps"
-        for name in ("batch_size", "grad_accum", "log_every", length) + (("global_batch",) if self.global_batch else ()):
+        positive = ("batch_size", "grad_accum", "log_every", length) + (("global_batch",) if self.global_batch else ())
+        for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
 

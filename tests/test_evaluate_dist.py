@@ -70,3 +70,24 @@ def test_sharded_metrics_equal_single_process(evaluations):
     assert m1 == m2 and m2["n_scored"] == N
     prov = json.loads((evaluations["dirs"]["two"] / "provenance.json").read_text())
     assert prov["world_size"] == 2
+
+
+def test_rank_0_failing_to_score_stops_every_rank_at_once(tmp_path):
+    # Scoring runs on rank 0 while the others wait for its metrics: when it fails (here: no java for the caption
+    # metrics) they must stop with it, not sit in the collective until its 30-minute timeout.
+    shapes.generate()
+    model = tiny.build("tiny-blip", save_to=tmp_path / "m")
+    params = tmp_path / "captioning.yaml"
+    params.write_text(yaml.safe_dump(dict(task="captioning", model=str(model), dataset="shapes", split="test",
+                                          limit=3, batch_size=2)))
+    (tmp_path / "no-java").mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    env |= {"BLIP_REPRO_OUTPUTS": str(tmp_path / "out"), "OMP_NUM_THREADS": "1", "PATH": str(tmp_path / "no-java")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "blip_repro.evaluate",
+                           "--params", str(params)], env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "needs java" in out and "rank 0 failed while scoring" in out, out
+    kept = list((tmp_path / "out").glob("*/*/predictions.part-*.jsonl"))
+    assert len(kept) == 2 and not list((tmp_path / "out").glob("*/*/metrics.json"))  # both ranks' kept, no metrics

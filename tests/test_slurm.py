@@ -201,7 +201,7 @@ def test_train_job_runs_torchrun_under_srun(slurm_cluster, tmp_path):  # noqa: F
     assert (tmp_path / "train" / "model" / "config.json").exists()
 
 
-def test_train_job_stopped_by_the_time_limit_signal_checkpoints_requeues_and_finishes(slurm_cluster, tmp_path):  # noqa: F811,E501
+def test_train_job_stopped_by_the_time_limit_signal_checkpoints_and_resumes(slurm_cluster, tmp_path):  # noqa: F811
     # The whole chain of a time limit: USR1 to the batch shell -> srun -> torchrun -> both workers finish their step,
     # write one checkpoint and exit; the job requeues itself and the rerun continues from that step to the end.
     total = 400  # about 20 s at 2 CPU processes: the signal lands early in the run

@@ -215,7 +215,8 @@ def test_checkpoint_leaves_frozen_weights_out_and_resume_checks_them(tmp_path, m
     assert stopped["stopped"] and stopped["steps"] == 2
     saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
     assert saved and not [k for k in saved if k.startswith(("language_model.", "vision_model."))]
-    assert {k for k in params_of(folder) if k.startswith(("qformer.", "query_tokens", "language_projection."))} <= set(saved)
+    trained = ("qformer.", "query_tokens", "language_projection.")
+    assert {k for k in params_of(folder) if k.startswith(trained)} <= set(saved)
 
     build_tiny_blip2(tmp_path / "m", seed=1)  # the model files changed under the run
     with pytest.raises(UserError, match="other frozen weights than model .* the model files or their hub revision"):
@@ -272,8 +273,8 @@ def test_logged_loss_is_the_mean_since_the_last_record_and_another_global_batch_
         assert logged[step] == pytest.approx(sum(per_step[s] for s in steps) / len(steps), abs=2e-5)
     assert pairs["final_loss"] == pytest.approx(per_step[5], abs=2e-5)
     notes = [r["message"] for r in records(pairs) if r.get("event") == "note"]
-    assert notes == ["global batch 4 (batch_size 4 x grad_accum 1 x 1 processes) is not the recipe's 8: its "
-                     "learning rate was set for 8"]
+    assert notes == [("global batch 4 (batch_size 4 x grad_accum 1 x 1 processes) is not the recipe's 8: its "
+                      "learning rate was set for 8")]
     assert not [r for r in records(every) if r.get("event") == "note"]
 
 
